@@ -1,0 +1,184 @@
+"""The `pcam-prep` command line: parse options, build a config, call one library function.
+
+Only this module prints. Library errors (PcamPrepError) become click errors here, so users
+see one clear line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import PcamPrepError, __version__
+
+
+def friendly_errors(func: Callable) -> Callable:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except PcamPrepError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+class Bars:
+    """tqdm bars keyed by stage; silent when stderr is not a terminal."""
+
+    def __init__(self, unit: str = "task") -> None:
+        self.unit = unit
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(total=total, desc=f"{stage:>8}", unit=self.unit, disable=None,
+                                          file=sys.stderr, leave=True, dynamic_ncols=True)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="pcam-prep")
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """Prepare the Kaggle Histopathologic Cancer Detection / PatchCamelyon patches.
+
+    Decode, validate, de-duplicate and fold-assign 96x96 RGB .tif patches once, into
+    WebDataset shards, Zarr and HDF5 arrays described by one manifest.json.
+
+    \b
+    Example:
+      pcam-prep synth data/demo --train 2000 --test 500
+      pcam-prep build --src data/demo --out shards/
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--train", "n_train", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Number of train patches.")
+@click.option("--test", "n_test", type=click.IntRange(min=0), default=250, show_default=True,
+              help="Number of test patches.")
+@click.option("--size", type=click.IntRange(min=32), default=96, show_default=True, help="Patch height and width.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed; same seed, same bytes.")
+@friendly_errors
+def synth(out: Path, n_train: int, n_test: int, size: int, seed: int) -> None:
+    """Write a synthetic dataset in the exact Kaggle layout and file format.
+
+    OUT gets train/<id>.tif, test/<id>.tif, train_labels.csv and sample_submission.csv.
+    Patches are H&E-like; labels follow the PCam rule (tumour in the centre 32x32 window),
+    and ids are the sha1 of the pixels, as in the real data.
+
+    \b
+    Example:
+      pcam-prep synth data/demo --train 2000 --test 500 --seed 1
+    """
+    from .synth import write_kaggle
+
+    bars = Bars("file")
+    total = n_train + n_test
+    done = 0
+
+    def progress(k: int) -> None:
+        nonlocal done
+        done += k
+        bars("synth", done, total)
+
+    summary = write_kaggle(out, n_train, n_test, size=size, seed=seed, progress=progress)
+    bars.close()
+    click.echo(f"wrote {summary.n_train} train ({summary.positives} positive) and {summary.n_test} test patches to {out}")
+
+
+def _split_formats(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@main.command()
+@click.option("--src", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Competition root (train/, test/, train_labels.csv) or its train/ folder.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="id,label CSV  [default: train_labels.csv beside train/]")
+@click.option("--test", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Test folder  [default: test/ beside train/, if present]")
+@click.option("--no-test", is_flag=True, default=None, help="Ignore the test split.")
+@click.option("--formats", callback=_split_formats, help="Comma-separated: wds,zarr,hdf5  [default: all]")
+@click.option("--folds", type=int, help="Number of stratified folds  [default: 5]")
+@click.option("--groups", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="id,group CSV (e.g. slide ids): stratified *group* k-fold.")
+@click.option("--seed", type=int, help="Fold-assignment seed  [default: 0]")
+@click.option("--shard-size", type=int, help="Samples per WebDataset shard  [default: 5000]")
+@click.option("--chunk-rows", type=int, help="Images per Zarr/HDF5 chunk  [default: 256]")
+@click.option("--keep-blank", is_flag=True, default=None, help="Keep all-black/all-white patches.")
+@click.option("--strict", is_flag=True, default=None, help="Exit with status 3 if anything was rejected.")
+@click.option("--workers", type=int, help="Local worker threads  [default: one per core]")
+@click.option("--scheduler", help="threads | processes | sync | tcp://HOST:PORT (dask.distributed)  [default: threads]")
+@click.option("--batch-size", type=int, help="Files per Dask task  [default: 2048]")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Run spec TOML with a [build] table; flags override it.")
+@friendly_errors
+def build(config_file: Path | None, **flags: Any) -> None:
+    """Decode, validate, de-duplicate and fold-assign patches, then write the datasets.
+
+    Writes to OUT: wds/*.tar (WebDataset shards, train by fold, test apart), pcam.zarr,
+    pcam.h5, rejects.csv, duplicates.csv and manifest.json (written last).
+
+    \b
+    Example:
+      pcam-prep build --src data/sample/train --out shards/
+      pcam-prep build --config pipelines/kaggle.toml --formats wds --workers 8
+    """
+    from .config import build_config, load_toml
+    from .pipeline import build as run_build
+
+    config = build_config(load_toml(config_file, "build") if config_file else {}, flags)
+    bars = Bars()
+    summary = run_build(config, progress=bars)
+    bars.close()
+    click.echo(format_build_summary(summary.manifest, summary.seconds, summary.out))
+    if config.strict and summary.manifest["rejects"]["count"]:
+        raise click.exceptions.Exit(3)
+
+
+def format_build_summary(manifest: dict[str, Any], seconds: dict[str, float], out: Path) -> str:
+    train, test = manifest["splits"]["train"], manifest["splits"]["test"]
+    total = seconds.get("total", 0.0)
+    rate = (train["count"] + test["count"]) / total if total else 0.0
+    lines = [
+        f"built {out} in {total:.1f}s ({rate:,.0f} images/s)",
+        f"  train  {train['count']:>8,}  ({train['positives']:,} positive, {manifest['folds']['k']} folds)",
+        f"  test   {test['count']:>8,}",
+        f"  rejected {manifest['rejects']['count']:,}  {_counts(manifest['rejects']['by_reason'])}",
+        f"  duplicates dropped {manifest['duplicates']['count']:,}  {_counts(manifest['duplicates']['by_kind'])}",
+        "  mean " + " ".join(f"{v:.4f}" for v in manifest["stats"]["mean"])
+        + "   std " + " ".join(f"{v:.4f}" for v in manifest["stats"]["std"]),
+        f"  files {len(manifest['files'])}: " + ", ".join(sorted({f['format'] for f in manifest['files']})),
+    ]
+    return "\n".join(lines)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return "(" + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ")" if counts else ""
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,138 @@
+"""Bytes of one .tif -> a validated (H, W, 3) uint8 array, or a reject reason.
+
+tifffile is the reference decoder. The fast path only skips work it has already proven
+redundant: once tifffile has decoded a file whose pixels are one contiguous uncompressed
+strip, any later file whose *non-pixel* bytes are identical (same length, same header, same
+IFD, same tags) must decode the same way, so its pixels are a plain slice. The real Kaggle
+files all share one such layout, so nearly every file takes the slice.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+
+import numpy as np
+import tifffile
+
+logger = logging.getLogger(__name__)
+
+MAX_FILE_BYTES = 8 * 1024 * 1024  # a 96x96 RGB patch is ~28 KB in any sane encoding
+MAX_PIXELS = 4096 * 4096  # refuse to even decode headers that promise more than this
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+class Reject(Exception):
+    """A file that cannot become a sample; `reason` is a short stable code for rejects.csv."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class TiffDecoder:
+    """Decode 96x96 RGB uint8 TIFFs, with a cache of layouts proven to be plain slices."""
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        self.shape = shape
+        self.nbytes = int(np.prod(shape))
+        self._layouts: dict[int, list[tuple[int, bytes, bytes]]] = {}
+        self._lock = threading.Lock()
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """Return the image for `data`, or raise Reject with the reason."""
+        for offset, head, tail in self._layouts.get(len(data), ()):
+            if data.startswith(head) and (not tail or data.endswith(tail)):
+                return np.frombuffer(data, np.uint8, self.nbytes, offset).reshape(self.shape)
+        image, offset = self._decode_tifffile(data)
+        if offset is not None:
+            self._remember(data, offset)
+        return image
+
+    def _remember(self, data: bytes, offset: int) -> None:
+        end = offset + self.nbytes
+        layout = (offset, data[:offset], data[end:])
+        with self._lock:
+            layouts = self._layouts.setdefault(len(data), [])
+            if layout not in layouts and len(layouts) < 16:
+                layouts.append(layout)
+                logger.debug("cached TIFF layout: %d bytes, pixels at %d", len(data), offset)
+
+    def _decode_tifffile(self, data: bytes) -> tuple[np.ndarray, int | None]:
+        if not data:
+            raise Reject("empty", "zero-byte file")
+        if data[:4] not in _TIFF_MAGIC:
+            raise Reject("not-tiff", f"starts with {data[:4]!r}")
+        try:
+            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                if len(tif.pages) != 1:
+                    raise Reject("multi-page", f"{len(tif.pages)} pages")
+                page = tif.pages.first
+                self._check_header(page, len(data))
+                image = page.asarray()
+                slice_offset = _plain_strip_offset(page)
+        except Reject:
+            raise
+        except (TypeError, AttributeError, NameError):
+            raise  # our bugs, not bad data
+        except Exception as exc:  # tifffile raises many types for corrupt input
+            raise Reject("unreadable", f"{type(exc).__name__}: {exc}") from None
+        image = self._to_hwc(page, image)
+        if slice_offset is not None:
+            view = np.frombuffer(data, np.uint8, self.nbytes, slice_offset).reshape(self.shape)
+            if not np.array_equal(view, image):  # never trust the layout without proof
+                slice_offset = None
+        return np.ascontiguousarray(image), slice_offset
+
+    def _check_header(self, page: tifffile.TiffPage, size: int) -> None:
+        shape = tuple(int(s) for s in page.shape)
+        if int(np.prod(shape, dtype=np.float64)) > MAX_PIXELS * 4:
+            raise Reject("too-large", f"header claims shape {shape}")
+        for offset, count in zip(page.dataoffsets, page.databytecounts):
+            if offset + count > size:
+                raise Reject("truncated", f"strip at {offset}+{count} beyond {size}-byte file")
+        if page.dtype != np.uint8:
+            raise Reject("bad-dtype", f"dtype {page.dtype}, expected uint8")
+        samples = int(page.samplesperpixel)
+        if samples != self.shape[2] or len(shape) != 3:
+            raise Reject("bad-channels", f"{samples} channel(s), expected {self.shape[2]}")
+        hw = (int(page.imagelength), int(page.imagewidth))
+        if hw != self.shape[:2]:
+            raise Reject("bad-shape", f"{hw[0]}x{hw[1]}, expected {self.shape[0]}x{self.shape[1]}")
+
+    def _to_hwc(self, page: tifffile.TiffPage, image: np.ndarray) -> np.ndarray:
+        if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and image.shape[0] == self.shape[2]:
+            image = np.moveaxis(image, 0, -1)
+        if image.shape != self.shape:
+            raise Reject("bad-shape", f"decoded shape {image.shape}, expected {self.shape}")
+        return image
+
+
+def _plain_strip_offset(page: tifffile.TiffPage) -> int | None:
+    """Offset of the pixels when they are one uncompressed, interleaved, native-order strip."""
+    plain = (
+        page.compression == tifffile.COMPRESSION.NONE
+        and len(page.dataoffsets) == 1
+        and page.planarconfig == tifffile.PLANARCONFIG.CONTIG
+        and page.predictor == 1
+        and not page.is_tiled
+    )
+    return int(page.dataoffsets[0]) if plain else None
+
+
+def read_file(path: str) -> tuple[bytes, tuple[int, int]]:
+    """Bytes of a source file and its (size, mtime_ns), refusing anything too big to be a patch."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        if st.st_size > MAX_FILE_BYTES:
+            raise Reject("too-large", f"{st.st_size}-byte file; a patch is ~28 KB")
+        data = os.read(fd, st.st_size)
+    finally:
+        os.close(fd)
+    if len(data) != st.st_size:
+        raise Reject("io-error", f"read {len(data)} of {st.st_size} bytes")
+    return data, (st.st_size, st.st_mtime_ns)

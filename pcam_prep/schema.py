@@ -1,0 +1,118 @@
+"""The one description of what the writers write and the loaders read.
+
+Every writer and every loader imports its names, shapes and layouts from here, so the
+two sides cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+IMAGE_SIZE = 96
+CHANNELS = 3
+IMAGE_DTYPE = np.dtype(np.uint8)
+CENTRE = 32  # PCam label window: the centre 32x32 of a 96x96 patch
+
+SPLITS = ("train", "test")
+FORMATS = ("wds", "zarr", "hdf5")
+
+# Array stores (zarr and HDF5 share these paths).
+ZARR_NAME = "pcam.zarr"
+HDF5_NAME = "pcam.h5"
+WDS_DIR = "wds"
+MANIFEST_NAME = "manifest.json"
+RUN_INFO_NAME = "run.json"  # timings and host: kept out of the checksummed outputs
+REJECTS_NAME = "rejects.csv"
+DUPLICATES_NAME = "duplicates.csv"
+ARRAY_FIELDS = {
+    "train": ("x", "y", "id", "fold"),
+    "test": ("x", "id"),
+}
+ID_LENGTH = 40  # sha1 hex; longer ids are stored in variable-length form
+
+# WebDataset members. Only these are ever decoded by our loaders.
+IMAGE_MEMBER = "npy"
+LABEL_MEMBER = "cls"
+KNOWN_MEMBERS = (IMAGE_MEMBER, LABEL_MEMBER)
+
+TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK  # what tarfile pads a finished archive to
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,90}$")  # fits a ustar member name with its suffix
+
+
+def image_shape(size: int = IMAGE_SIZE) -> tuple[int, int, int]:
+    return (size, size, CHANNELS)
+
+
+def is_safe_id(sample_id: str) -> bool:
+    """True when `sample_id` is a plain file stem: no separators, no '..', no hidden names."""
+    return bool(_ID_RE.match(sample_id)) and ".." not in sample_id
+
+
+def npy_header(shape: tuple[int, ...], dtype: np.dtype = IMAGE_DTYPE) -> bytes:
+    """The exact bytes `np.save` puts before the data of a C-ordered array."""
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    )
+    return buf.getvalue()
+
+
+def _padded(n: int) -> int:
+    return -(-n // TAR_BLOCK) * TAR_BLOCK
+
+
+@dataclass(frozen=True)
+class SampleLayout:
+    """Byte layout of one sample inside a shard: every sample has the same size.
+
+    A sample is `<id>.npy` (npy header + H*W*3 bytes) followed, for labelled splits, by
+    `<id>.cls` (one ASCII digit). Each member is a 512-byte tar header plus its data padded
+    to 512, so sample i starts at i * stride and its pixels sit at a fixed offset: a shard
+    can be memory-mapped as a strided (N, H, W, 3) uint8 array.
+    """
+
+    shape: tuple[int, int, int]
+    labelled: bool
+
+    @property
+    def image_bytes(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def npy_header(self) -> bytes:
+        return npy_header(self.shape)
+
+    @property
+    def image_member_size(self) -> int:
+        return len(self.npy_header) + self.image_bytes
+
+    @property
+    def pixel_offset(self) -> int:
+        """Offset of the first pixel byte from the start of the sample."""
+        return TAR_BLOCK + len(self.npy_header)
+
+    @property
+    def label_offset(self) -> int:
+        """Offset of the label digit from the start of the sample."""
+        return TAR_BLOCK + _padded(self.image_member_size) + TAR_BLOCK
+
+    @property
+    def stride(self) -> int:
+        image = TAR_BLOCK + _padded(self.image_member_size)
+        return image + (2 * TAR_BLOCK if self.labelled else 0)
+
+
+def shard_name(split: str, index: int, fold: int | None = None) -> str:
+    """`train-f2-000003.tar` or `test-000000.tar`; train shards never mix folds."""
+    if split == "train":
+        if fold is None:
+            raise ValueError("train shards need a fold")
+        return f"train-f{fold}-{index:06d}.tar"
+    return f"{split}-{index:06d}.tar"

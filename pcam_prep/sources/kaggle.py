@@ -1,0 +1,134 @@
+"""The Kaggle competition layout: train/, test/, train_labels.csv.
+
+Scanning touches only directory entries and the CSVs, never pixels: it decides which files
+exist and what label each one has, and turns every inconsistency into a reject row.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .. import PcamPrepError
+from ..schema import is_safe_id
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".tif", ".tiff")
+REJECT_COLUMNS = ["id", "path", "reason", "detail"]
+
+
+@dataclass(frozen=True)
+class KaggleLayout:
+    root: Path  # folder paths in outputs are written relative to this
+    train: Path
+    labels: Path
+    test: Path | None
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Files to decode, per split, plus what was refused before decoding."""
+
+    train: pd.DataFrame  # id, path (absolute), label (int8)
+    test: pd.DataFrame  # id, path
+    rejects: pd.DataFrame  # id, path (relative to root), reason, detail
+    layout: KaggleLayout
+
+
+def resolve_layout(src: Path, labels: Path | None = None, test: Path | None = None,
+                   no_test: bool = False) -> KaggleLayout:
+    """Accept the competition root or its train/ folder and find the rest beside it."""
+    src = Path(src)
+    if not src.is_dir():
+        raise PcamPrepError(f"--src {src} is not a folder")
+    if (src / "train").is_dir():
+        root, train = src, src / "train"
+    else:
+        root, train = src.parent, src
+    labels = Path(labels) if labels else root / "train_labels.csv"
+    if not labels.is_file():
+        raise PcamPrepError(f"labels CSV not found: {labels} (pass --labels)")
+    if no_test:
+        test_dir = None
+    elif test is not None:
+        test_dir = Path(test)
+        if not test_dir.is_dir():
+            raise PcamPrepError(f"--test {test_dir} is not a folder")
+    else:
+        test_dir = root / "test" if (root / "test").is_dir() and (root / "test") != train else None
+    return KaggleLayout(root, train, labels, test_dir)
+
+
+def list_images(folder: Path, root: Path) -> tuple[pd.DataFrame, list[dict]]:
+    """Image files in `folder` (id = file stem); other regular files become stray rejects."""
+    ids, paths, strays = [], [], []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            stem, suffix = os.path.splitext(entry.name)
+            if suffix.lower() not in IMAGE_SUFFIXES or not is_safe_id(stem):
+                strays.append(_reject(stem, Path(entry.path), root, "stray-file", entry.name))
+                continue
+            ids.append(stem)
+            paths.append(entry.path)
+    frame = pd.DataFrame({"id": ids, "path": paths}).sort_values("id", ignore_index=True)
+    return frame, strays
+
+
+def read_labels(path: Path) -> pd.DataFrame:
+    """`id,label` as strings; bad values are judged later so they can be reported per row."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise PcamPrepError(f"cannot parse labels CSV {path}: {exc}") from None
+    missing = {"id", "label"} - set(frame.columns)
+    if missing:
+        raise PcamPrepError(f"labels CSV {path} lacks column(s) {sorted(missing)}; found {list(frame.columns)}")
+    return frame[["id", "label"]].map(str.strip)
+
+
+def scan(layout: KaggleLayout) -> Inventory:
+    """Match files to labels; every file or row that can't be a sample becomes a reject."""
+    files, rejects = list_images(layout.train, layout.root)
+    labels = read_labels(layout.labels)
+    unsafe = ~labels["id"].map(is_safe_id)
+    rejects += [_reject(i, None, layout.root, "bad-id", f"id {i!r}") for i in labels.loc[unsafe, "id"]]
+    labels = labels[~unsafe]
+    dup_rows = labels.duplicated("id", keep=False)
+    conflicting = labels[dup_rows].groupby("id")["label"].nunique().loc[lambda s: s > 1].index
+    labels = labels.drop_duplicates("id")
+    merged = files.merge(labels, on="id", how="outer", indicator="match", sort=True)
+    for row in merged[merged["match"] == "right_only"].itertuples():
+        rejects.append(_reject(row.id, None, layout.root, "missing-file", f"{row.id}.tif not in {layout.train.name}/"))
+    present = merged[merged["match"] != "right_only"]
+    bad = present["match"].eq("left_only") | ~present["label"].isin(["0", "1"]) | present["id"].isin(conflicting)
+    for row in present[bad].itertuples():
+        reason, detail = _label_problem(row, conflicting)
+        rejects.append(_reject(row.id, Path(row.path), layout.root, reason, detail))
+    train = present[~bad][["id", "path", "label"]].astype({"label": "int8"}).reset_index(drop=True)
+    test = pd.DataFrame({"id": [], "path": []})
+    if layout.test is not None:
+        test, strays = list_images(layout.test, layout.root)
+        rejects += strays
+    frame = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
+    logger.info("scanned %d train and %d test files, %d rejected", len(train), len(test), len(frame))
+    return Inventory(train, test, frame, layout)
+
+
+def _label_problem(row, conflicting) -> tuple[str, str]:
+    if row.match == "left_only":
+        return "no-label", "no row in the labels CSV"
+    if row.id in conflicting:
+        return "bad-label", "labels CSV gives this id different labels"
+    return "bad-label", f"label {row.label!r}"
+
+
+def _reject(sample_id: str, path: Path | None, root: Path, reason: str, detail: str) -> dict:
+    rel = "" if path is None else os.path.relpath(path, root)
+    return {"id": sample_id, "path": rel, "reason": reason, "detail": detail}

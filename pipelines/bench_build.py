@@ -1,0 +1,117 @@
+"""Benchmark `pcam-prep build` against the stock approach, in one run, on the same files.
+
+Stock approach: one process, `tifffile.imread` per file, `webdataset.ShardWriter` writing
+`.npy` + `.cls` (the same shard size). Floor: `cat` of every source file. Each contender
+runs as its own process (imports included), `--repeats` times in an interleaved order;
+medians are reported with peak RSS (from wait4) and ratios against stock.
+
+    python pipelines/bench_build.py --train 16000 --test 4000 --repeats 3
+
+Prints a Markdown table and writes the raw figures as JSON (--json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STOCK = r"""
+import os, sys, csv, tifffile, webdataset as wds
+src, out, shard = sys.argv[1], sys.argv[2], int(sys.argv[3])
+labels = {r["id"]: int(r["label"]) for r in csv.DictReader(open(os.path.join(src, "train_labels.csv")))}
+with wds.ShardWriter(os.path.join(out, "train-%06d.tar"), maxcount=shard, verbose=0) as sink:
+    for name in sorted(os.listdir(os.path.join(src, "train"))):
+        key = name[:-4]
+        sink.write({"__key__": key, "npy": tifffile.imread(os.path.join(src, "train", name)), "cls": labels[key]})
+with wds.ShardWriter(os.path.join(out, "test-%06d.tar"), maxcount=shard, verbose=0) as sink:
+    for name in sorted(os.listdir(os.path.join(src, "test"))):
+        sink.write({"__key__": name[:-4], "npy": tifffile.imread(os.path.join(src, "test", name))})
+"""
+
+
+def timed(cmd: list[str], **kw) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, **kw)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def contenders(src: Path, work: Path, shard: int, workers: int | None) -> dict[str, callable]:
+    def fresh(name: str) -> Path:
+        path = work / name
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+    def build(formats: str):
+        extra = ["--workers", str(workers)] if workers else []
+        return lambda: timed([sys.executable, "-m", "pcam_prep.cli", "build", "--src", str(src), "--out",
+                              str(fresh(f"ours-{formats}")), "--formats", formats, "--shard-size", str(shard), *extra])
+
+    return {
+        "cat (floor)": lambda: timed(["sh", "-c", f"find {src} -name '*.tif' -print0 | xargs -0 cat > /dev/null"]),
+        "stock: tifffile + ShardWriter": lambda: timed([sys.executable, "-c", STOCK, str(src), str(fresh("stock")),
+                                                        str(shard)]),
+        "pcam-prep build --formats wds": build("wds"),
+        "pcam-prep build --formats wds,zarr,hdf5": build("wds,zarr,hdf5"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--src", type=Path, help="existing Kaggle-layout folder (default: synthesize one)")
+    parser.add_argument("--train", type=int, default=16000)
+    parser.add_argument("--test", type=int, default=4000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shard-size", type=int, default=5000)
+    parser.add_argument("--workers", type=int)
+    parser.add_argument("--work", type=Path, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--json", type=Path, help="write raw figures here")
+    args = parser.parse_args()
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="pcam-bench-"))
+    src = args.src
+    if src is None:
+        src = work / "src"
+        if not (src / "train_labels.csv").exists():
+            subprocess.run([sys.executable, "-m", "pcam_prep.cli", "synth", str(src), "--train", str(args.train),
+                            "--test", str(args.test), "--seed", "7"], check=True)
+    n_images = sum(1 for _ in (src / "train").iterdir()) + sum(1 for _ in (src / "test").iterdir())
+    runs = contenders(src, work, args.shard_size, args.workers)
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    runs["cat (floor)"]()  # warm the page cache once for everyone
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            results[name].append(run())
+
+    stock = statistics.median(w for w, _ in results["stock: tifffile + ShardWriter"])
+    print(f"\n{n_images:,} images, {args.repeats} runs each, median; {platform.node()} "
+          f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}\n")
+    print("| contender | seconds | images/s | vs stock | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|")
+    table = {}
+    for name, values in results.items():
+        wall = statistics.median(w for w, _ in values)
+        rss = statistics.median(r for _, r in values)
+        table[name] = {"seconds": wall, "images_per_s": n_images / wall, "speedup": stock / wall, "rss_mib": rss,
+                       "runs": values}
+        print(f"| {name} | {wall:.2f} | {n_images / wall:,.0f} | {stock / wall:.1f}x | {rss:.0f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"images": n_images, "results": table}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
