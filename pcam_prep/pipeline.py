@@ -25,7 +25,7 @@ from dask import delayed
 
 from . import PcamPrepError
 from .config import BuildConfig
-from .dedup import dedup
+from .dedup import Dedup, dedup
 from .executor import Executor, ProgressFn
 from .folds import assign_folds
 from .schema import (DUPLICATES_NAME, HDF5_NAME, MANIFEST_NAME, RUN_INFO_NAME, REJECTS_NAME, WDS_DIR, ZARR_NAME, SampleLayout,
@@ -47,30 +47,49 @@ class BuildSummary:
     seconds: dict[str, float]
 
 
+@dataclass(frozen=True)
+class Analysis:
+    """Everything a build knows before it writes: what is kept, in output order, and why not."""
+
+    train: pd.DataFrame  # id, path, label, digest, stamp, fold; ordered by (fold, id)
+    test: pd.DataFrame  # id, path, digest, stamp; ordered by id
+    rejects: pd.DataFrame  # id, path, reason, detail
+    dedup: Dedup
+    moments: Moments  # exact pixel moments of the kept train images
+    shape: tuple[int, int, int]
+
+
+def analyse(config: BuildConfig, executor: Executor, clock: _Clock | None = None) -> Analysis:
+    """Scan, decode, validate, dedup, measure and fold-assign; write nothing."""
+    clock = clock or _Clock()
+    shape = image_shape(config.image_size)
+    inventory = scan(resolve_layout(config.src, config.labels, config.test, config.no_test))
+    groups = read_groups(config.groups) if config.groups else None
+    clock.lap("scan")
+    decoded, test, rejects, moments = inspect(executor, inventory, shape, config)
+    clock.lap("decode")
+    result = dedup(decoded, test)
+    train = result.train
+    moments = kept_moments(moments, decoded, train, shape)
+    train["fold"] = assign_folds(train, config.folds, config.seed, groups)
+    train = train.sort_values(["fold", "id"], kind="stable", ignore_index=True)
+    test = test.sort_values("id", kind="stable", ignore_index=True)
+    clock.lap("dedup+folds")
+    return Analysis(train, test, rejects, result, moments, shape)
+
+
 def build(config: BuildConfig, progress: ProgressFn | None = None) -> BuildSummary:
     """Build every requested format from a Kaggle-layout folder into `config.out`."""
     clock = _Clock()
     out = config.out.resolve()
     _prepare_out(out)
-    shape = image_shape(config.image_size)
-    inventory = scan(resolve_layout(config.src, config.labels, config.test, config.no_test))
-    groups = read_groups(config.groups) if config.groups else None
-    clock.lap("scan")
     with Executor(config.scheduler, config.n_workers, progress) as executor:
-        decoded, test, rejects, moments = inspect(executor, inventory, shape, config)
-        clock.lap("decode")
-        result = dedup(decoded, test)
-        train = result.train
-        moments = kept_moments(moments, decoded, train, shape)
-        train["fold"] = assign_folds(train, config.folds, config.seed, groups)
-        train = train.sort_values(["fold", "id"], kind="stable", ignore_index=True)
-        test = test.sort_values("id", kind="stable", ignore_index=True)
-        clock.lap("dedup+folds")
-        pieces = write_outputs(executor, out, train, test, shape, config)
+        found = analyse(config, executor, clock)
+        pieces = write_outputs(executor, out, found.train, found.test, found.shape, config)
         clock.lap("write")
-    files = describe_files(out, config, train, test, pieces)
-    files += write_tables(out, rejects, result.duplicates)
-    manifest = describe(config, shape, train, test, rejects, result, moments, files)
+    files = describe_files(out, config, found.train, found.test, pieces)
+    files += write_tables(out, found.rejects, found.dedup.duplicates)
+    manifest = describe(config, found, files)
     clock.lap("checksums")
     write_json_atomic(out / RUN_INFO_NAME, _run_info(config, executor.description, clock.laps))
     write_manifest(out, manifest)
@@ -224,7 +243,9 @@ def write_tables(out: Path, rejects: pd.DataFrame, duplicates: pd.DataFrame) -> 
     return entries
 
 
-def describe(config, shape, train, test, rejects, result, moments, files) -> dict[str, Any]:
+def describe(config: BuildConfig, found: Analysis, files: list[dict]) -> dict[str, Any]:
+    train, test, rejects, result, moments, shape = (
+        found.train, found.test, found.rejects, found.dedup, found.moments, found.shape)
     per_fold = train.groupby("fold")["label"].agg(["size", "sum"]).reindex(range(config.folds), fill_value=0)
     mismatched = int((train["digest"] != train["id"]).sum() + (test["digest"] != test["id"]).sum())
     layouts = {s: SampleLayout(shape, s == "train") for s in ("train", "test")}

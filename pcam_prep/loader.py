@@ -1,0 +1,281 @@
+"""Shards -> shuffled uint8 batches, with no per-sample decoding and nothing unpickled.
+
+A WebDataset shard written by `build` has a fixed byte layout (schema.SampleLayout), so it is
+opened as a memory map, every tar header is checked once against the layout (names, sizes,
+the exact npy header: no pickle, no surprise members), and the pixels become one strided
+(N, H, W, 3) uint8 view. A batch is then a single fancy-index gather.
+
+Zarr and HDF5 stores are read through the same interface (`open_source`). Order is a pure
+function of (seed, epoch); ranks and DataLoader workers take disjoint slices of it, and a
+loader can start mid-epoch at any step.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import PcamPrepError
+from .schema import HDF5_NAME, IMAGE_MEMBER, LABEL_MEMBER, TAR_BLOCK, ZARR_NAME, SampleLayout
+from .writers.manifest import read_manifest, safe_relpath
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Batch:
+    images: np.ndarray  # (B, H, W, 3) uint8
+    labels: np.ndarray | None  # (B,) uint8
+    ids: list[str]
+    index: np.ndarray  # (B,) row numbers within the source
+
+
+class ShardError(PcamPrepError):
+    """A shard that is not exactly what `build` writes; it is refused, never guessed at."""
+
+
+def _open_map(path: Path) -> np.ndarray:
+    with open(path, "rb") as fh:
+        size = fh.seek(0, 2)
+        if size == 0:
+            raise ShardError(f"{path} is empty")
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # map pages up front: no faults per batch
+        mapped = mmap.mmap(fh.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+    return np.frombuffer(mapped, np.uint8)
+
+
+def _names(headers: np.ndarray) -> list[str]:
+    return [bytes(row).rstrip(b"\0").decode("ascii", "replace") for row in headers[:, :100]]
+
+
+def _sizes(headers: np.ndarray) -> np.ndarray:
+    field = headers[:, 124:136]
+    return np.array([int(bytes(row).rstrip(b"\0 ") or b"0", 8) for row in np.unique(field, axis=0)])
+
+
+class ShardReader:
+    """One shard as memory-mapped arrays, after checking every member against the layout."""
+
+    def __init__(self, path: Path, layout: SampleLayout, count: int) -> None:
+        self.path, self.layout, self.count = Path(path), layout, count
+        self._data: np.ndarray | None = None
+        self.ids, self.labels = self._check()
+
+    def _check(self) -> tuple[list[str], np.ndarray | None]:
+        data = self.data
+        stride, n = self.layout.stride, self.count
+        if data.size < n * stride + 2 * TAR_BLOCK:
+            raise ShardError(f"{self.path}: {data.size} bytes cannot hold {n} samples of {stride} bytes")
+        if data[n * stride : n * stride + 2 * TAR_BLOCK].any():
+            raise ShardError(f"{self.path}: unexpected member after sample {n} (shard holds more than the manifest says)")
+        records = data[: n * stride].reshape(n, stride)
+        image_names = _names(records[:, :TAR_BLOCK])
+        ids = [name[: -len(IMAGE_MEMBER) - 1] for name in image_names]
+        self._expect(image_names, [f"{i}.{IMAGE_MEMBER}" for i in ids], records[:, :TAR_BLOCK],
+                     self.layout.image_member_size)
+        header = np.frombuffer(self.layout.npy_header, np.uint8)
+        bad = np.flatnonzero((records[:, TAR_BLOCK : self.layout.pixel_offset] != header).any(axis=1))
+        if bad.size:
+            raise ShardError(f"{self.path}: sample {ids[bad[0]]!r} .npy header is not a plain {self.layout.shape} uint8 "
+                             "array (pickled or foreign members are refused)")
+        labels = None
+        if self.layout.labelled:
+            at = self.layout.label_offset
+            label_headers = records[:, at - TAR_BLOCK : at]
+            self._expect(_names(label_headers), [f"{i}.{LABEL_MEMBER}" for i in ids], label_headers, 1)
+            labels = records[:, at] - ord("0")
+            if (labels > 1).any():
+                raise ShardError(f"{self.path}: label of {ids[int(np.argmax(labels > 1))]!r} is not 0/1")
+        return ids, labels
+
+    def _expect(self, names: list[str], wanted: list[str], headers: np.ndarray, size: int) -> None:
+        for got, want in zip(names, wanted):
+            if got != want or not want.split(".")[0]:
+                raise ShardError(f"{self.path}: unexpected member {got!r} where {want!r} belongs; "
+                                 "only .npy/.cls members written by pcam-prep are read")
+        if (headers[:, 156] != ord("0")).any() or list(_sizes(headers)) != [size]:
+            raise ShardError(f"{self.path}: a member has the wrong type or size (expected regular files of {size} bytes)")
+
+    @property
+    def data(self) -> np.ndarray:
+        if self._data is None:
+            self._data = _open_map(self.path)
+        return self._data
+
+    @property
+    def images(self) -> np.ndarray:
+        shape = self.layout.shape
+        return np.lib.stride_tricks.as_strided(
+            self.data[self.layout.pixel_offset :], shape=(self.count, *shape),
+            strides=(self.layout.stride, shape[1] * shape[2], shape[2], 1), writeable=False,
+        )
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_data"] = None  # never pickle a mapping: reopen in the worker
+        return state
+
+
+class Source:
+    """Rows of one split (optionally some folds) with `take(index) -> images`."""
+
+    ids: np.ndarray
+    labels: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def take(self, index: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class WdsSource(Source):
+    def __init__(self, out: Path, manifest: dict, split: str, folds: Sequence[int] | None) -> None:
+        shape = tuple(manifest["image_shape"])
+        layout = SampleLayout(shape, split == "train")
+        entries = [f for f in manifest["files"] if f["format"] == "wds" and f["split"] == split
+                   and (folds is None or f["fold"] in folds)]
+        self.shards = [ShardReader(safe_relpath(out, f["path"]), layout, f["count"]) for f in entries]
+        self.starts = np.cumsum([0] + [s.count for s in self.shards])
+        self.ids = np.array([i for s in self.shards for i in s.ids], dtype=object)
+        self.labels = np.concatenate([s.labels for s in self.shards]) if layout.labelled and self.shards else None
+        self.shape = shape
+
+    def take(self, index: np.ndarray) -> np.ndarray:
+        out = np.empty((len(index), *self.shape), np.uint8)
+        shard_of = np.searchsorted(self.starts, index, side="right") - 1
+        for shard in np.unique(shard_of):
+            where = np.flatnonzero(shard_of == shard)
+            out[where] = self.shards[shard].images[index[where] - self.starts[shard]]
+        return out
+
+
+class ArraySource(Source):
+    """Zarr or HDF5: `{split}/x` rows, filtered by `{split}/fold` when folds are given."""
+
+    def __init__(self, path: Path, kind: str, split: str, folds: Sequence[int] | None) -> None:
+        self.path, self.kind, self.split = Path(path), kind, split
+        self._handle = None
+        group = self._group()
+        ids = np.asarray(group[f"{split}/id"][:])
+        ids = np.array([i.decode() if isinstance(i, bytes) else str(i) for i in ids], dtype=object)
+        labels = np.asarray(group[f"{split}/y"][:], np.uint8) if split == "train" else None
+        rows = np.arange(len(ids))
+        if folds is not None and split == "train":
+            rows = np.flatnonzero(np.isin(np.asarray(group[f"{split}/fold"][:]), list(folds)))
+        self.rows, self.ids = rows, ids[rows]
+        self.labels = None if labels is None else labels[rows]
+
+    def _group(self):
+        if self._handle is None:
+            if self.kind == "zarr":
+                import zarr
+
+                self._handle = zarr.open_group(str(self.path), mode="r")
+            else:
+                import h5py
+
+                self._handle = h5py.File(self.path, "r")
+        return self._handle
+
+    def take(self, index: np.ndarray) -> np.ndarray:
+        rows = self.rows[index]
+        order = np.argsort(rows, kind="stable")
+        x = self._group()[f"{self.split}/x"]
+        picked = x.get_orthogonal_selection((rows[order],)) if self.kind == "zarr" else x[rows[order]]
+        out = np.empty_like(picked)
+        out[order] = picked
+        return out
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handle"] = None  # never send an open zarr/h5py handle anywhere
+        return state
+
+
+FORMATS = {"wds": None, "zarr": ZARR_NAME, "hdf5": HDF5_NAME}
+
+
+def open_source(out: Path, split: str = "train", folds: Sequence[int] | None = None, fmt: str = "wds") -> Source:
+    """Open a built OUT folder's `split` (train: optionally only `folds`) in format `fmt`."""
+    out = Path(out)
+    manifest = read_manifest(out)
+    if split not in ("train", "test"):
+        raise PcamPrepError(f"split must be train or test, got {split!r}")
+    if folds is not None:
+        bad = sorted(set(folds) - set(range(manifest["folds"]["k"])))
+        if bad:
+            raise PcamPrepError(f"fold(s) {bad} do not exist; this build has folds 0..{manifest['folds']['k'] - 1}")
+    built = {f["format"] for f in manifest["files"]}
+    if fmt not in FORMATS:
+        raise PcamPrepError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if fmt not in built:
+        raise PcamPrepError(f"{out} has no {fmt} output (built: {', '.join(sorted(built - {'csv'}))})")
+    if fmt == "wds":
+        return WdsSource(out, manifest, split, folds)
+    return ArraySource(out / FORMATS[fmt], fmt, split, folds)
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The sample order of one epoch: a pure function of (seed, epoch)."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_plan(n: int, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True,
+               rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1,
+               drop_last: bool = False) -> list[np.ndarray]:
+    """Index batches for one (rank, worker): disjoint across both, every sample once per epoch.
+
+    Ranks take interleaved samples of the epoch order (sizes differ by at most one); each
+    rank's batches are dealt round-robin to its DataLoader workers.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of {world_size}")
+    mine = epoch_order(n, seed, epoch, shuffle)[rank::world_size]
+    stop = len(mine) - len(mine) % batch_size if drop_last else len(mine)
+    batches = [mine[i : i + batch_size] for i in range(0, stop, batch_size)]
+    return batches[worker::num_workers]
+
+
+class BatchLoader:
+    """Iterate uint8 batches of a Source for one epoch; `set_epoch` moves to the next one.
+
+    `start_step` skips the first batches of the epoch (resume mid-epoch). Length and order
+    depend only on (seed, epoch, rank, world_size, batch_size).
+    """
+
+    def __init__(self, source: Source, batch_size: int = 256, *, shuffle: bool = True, seed: int = 0,
+                 epoch: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
+                 start_step: int = 0) -> None:
+        self.source, self.batch_size, self.shuffle, self.seed = source, batch_size, shuffle, seed
+        self.epoch, self.rank, self.world_size, self.drop_last = epoch, rank, world_size, drop_last
+        self.start_step = start_step
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def plan(self, worker: int = 0, num_workers: int = 1) -> list[np.ndarray]:
+        batches = batch_plan(len(self.source), self.batch_size, seed=self.seed, epoch=self.epoch,
+                             shuffle=self.shuffle, rank=self.rank, world_size=self.world_size,
+                             drop_last=self.drop_last)
+        return batches[self.start_step :][worker::num_workers]
+
+    def __len__(self) -> int:
+        return len(self.plan())
+
+    def batch(self, index: np.ndarray) -> Batch:
+        labels = None if self.source.labels is None else self.source.labels[index]
+        return Batch(self.source.take(index), labels, list(self.source.ids[index]), index)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for index in self.plan():
+            yield self.batch(index)
