@@ -28,14 +28,30 @@ from .config import BuildConfig
 from .dedup import Dedup, dedup
 from .executor import Executor, ProgressFn
 from .folds import assign_folds
-from .schema import (DUPLICATES_NAME, HDF5_NAME, MANIFEST_NAME, RUN_INFO_NAME, REJECTS_NAME, WDS_DIR, ZARR_NAME, SampleLayout,
-                     image_shape, shard_name)
+from .schema import (
+    DUPLICATES_NAME,
+    HDF5_NAME,
+    MANIFEST_NAME,
+    REJECTS_NAME,
+    RUN_INFO_NAME,
+    WDS_DIR,
+    ZARR_NAME,
+    SampleLayout,
+    image_shape,
+    shard_name,
+)
 from .sources.kaggle import REJECT_COLUMNS, Inventory, resolve_layout, scan
 from .stats import Moments, channel_moments, merge
 from .validate import inspect_batch, load_images
 from .write import PieceResult, write_hdf5_piece, write_wds_piece, write_zarr_piece
 from .writers import arrays, sha256_file, sha256_tree
-from .writers.manifest import file_entry, package_versions, write_json_atomic, write_manifest
+from .writers.manifest import (
+    file_entry,
+    package_versions,
+    write_json_atomic,
+    write_manifest,
+)
+from .writers.wds import remove_with_marker
 
 logger = logging.getLogger(__name__)
 
@@ -215,9 +231,10 @@ def _columns(frame: pd.DataFrame, labelled: bool) -> dict[str, np.ndarray]:
 
 
 def _remove_stale_shards(out: Path, current: set[str]) -> None:
-    for path in (out / WDS_DIR).glob("*.tar") if (out / WDS_DIR).is_dir() else ():
+    folder = out / WDS_DIR
+    for path in list(folder.glob("*.tar")) + list(folder.glob(".*.partial")) if folder.is_dir() else ():
         if path.name not in current:
-            path.unlink()
+            remove_with_marker(path)
 
 
 def describe_files(out, config, train, test, pieces) -> list[dict]:

@@ -6,6 +6,7 @@ in a thread, a process or on a remote dask worker that sees the same filesystem.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from .schema import SampleLayout
 from .validate import load_images
 from .writers import arrays, sha256_file, wds
 
+FORMAT_VERSION = 1  # bump when the shard byte layout changes: old shards are then rewritten
 BLOCK_ROWS = 512  # images in memory per task at a time: ~14 MB at 96x96
 
 
@@ -42,13 +44,28 @@ class PieceResult:
 def write_wds_piece(
     path: str, split: str, shape: tuple[int, int, int], ids: list[str], labels: np.ndarray | None, sources: Sources
 ) -> PieceResult:
+    """Write one shard, or keep the finished one from an earlier run if it is provably the same."""
+    plan = piece_plan(shape, ids, labels, sources)
+    reused = wds.reuse_finished(Path(path), plan)
+    if reused is not None:
+        return PieceResult("wds", split, path, reused.count, reused.sha256)
     layout = SampleLayout(tuple(shape), labels is not None)
     blocks = (
         (ids[start : start + len(images)], images, None if labels is None else labels[start : start + len(images)])
         for start, images in image_blocks(sources, shape)
     )
     result = wds.write_shard(Path(path), layout, blocks)
+    wds.mark_finished(result, plan)
     return PieceResult("wds", split, path, result.count, result.sha256)
+
+
+def piece_plan(shape, ids: list[str], labels: np.ndarray | None, sources: Sources) -> str:
+    """A digest of everything a piece's bytes depend on: same plan, same bytes."""
+    digest = hashlib.sha256(repr((tuple(shape), FORMAT_VERSION)).encode())
+    digest.update("\n".join(ids).encode())
+    digest.update(b"" if labels is None else np.asarray(labels, np.uint8).tobytes())
+    digest.update(repr([tuple(s) for s in sources[1]]).encode())
+    return digest.hexdigest()
 
 
 def write_zarr_piece(

@@ -67,3 +67,20 @@ def test_strict_exits_3_when_something_was_rejected(tmp_path: Path):
     result = runner.invoke(main, ["build", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "o"),
                                   "--strict", "--workers", "1", "--formats", "wds"])
     assert result.exit_code == 3, result.output
+
+
+def test_verify_command_passes_then_fails_on_a_flipped_byte(built: Path, tmp_path: Path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(built, out)
+    runner = CliRunner()
+    ok = runner.invoke(main, ["verify", str(out)])
+    assert ok.exit_code == 0 and ok.output.startswith("OK"), ok.output
+    h5 = out / "pcam.h5"
+    data = bytearray(h5.read_bytes())
+    data[-5000] ^= 0x10
+    h5.write_bytes(bytes(data))
+    bad = runner.invoke(main, ["verify", str(out)])
+    assert bad.exit_code == 1
+    assert "pcam.h5" in bad.output

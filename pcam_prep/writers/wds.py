@@ -13,6 +13,7 @@ which would dominate a build. The tests read every shard back with tarfile and w
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tarfile
 from collections.abc import Iterable
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..schema import IMAGE_MEMBER, LABEL_MEMBER, TAR_BLOCK, TAR_RECORD, SampleLayout
-from . import tmp_path
+from . import sha256_file, tmp_path
 
 _NAME = slice(0, 100)
 _CHKSUM = slice(148, 156)
@@ -101,3 +102,34 @@ def write_shard(
         digest.update(trailer)
     os.replace(tmp, path)
     return ShardResult(path, count, digest.hexdigest(), nbytes + len(trailer))
+
+
+def _marker(path: Path) -> Path:
+    return path.with_name(f".{path.name}.done")
+
+
+def mark_finished(result: ShardResult, plan: str) -> None:
+    """Record what a finished shard was made from, so an interrupted build can keep it."""
+    marker = _marker(result.path)
+    tmp = tmp_path(marker)
+    tmp.write_text(json.dumps({"plan": plan, "sha256": result.sha256, "count": result.count, "nbytes": result.nbytes}))
+    os.replace(tmp, marker)
+
+
+def reuse_finished(path: Path, plan: str) -> ShardResult | None:
+    """The finished shard at `path` if it was made from the same plan and still hashes right."""
+    marker = _marker(path)
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("plan") != plan or not path.is_file() or path.stat().st_size != record.get("nbytes"):
+        return None
+    if sha256_file(path) != record["sha256"]:
+        return None
+    return ShardResult(path, record["count"], record["sha256"], record["nbytes"])
+
+
+def remove_with_marker(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    _marker(path).unlink(missing_ok=True)
