@@ -21,7 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from . import PcamPrepError
-from .schema import HDF5_NAME, IMAGE_MEMBER, LABEL_MEMBER, TAR_BLOCK, ZARR_NAME, SampleLayout
+from .schema import (
+    HDF5_NAME,
+    IMAGE_MEMBER,
+    LABEL_MEMBER,
+    TAR_BLOCK,
+    ZARR_NAME,
+    SampleLayout,
+)
 from .writers.manifest import read_manifest, safe_relpath
 
 logger = logging.getLogger(__name__)
