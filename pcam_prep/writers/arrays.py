@@ -12,12 +12,11 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-import h5py
 import numpy as np
-import zarr
-from zarr.codecs import BloscCodec
 
 from . import tmp_path
+
+# zarr and h5py are imported where used: a wds-only build never pays for them (~0.3 s).
 
 IMAGE_CODEC = {"cname": "lz4", "clevel": 5, "shuffle": "noshuffle"}  # fast; uint8 needs no shuffle
 # HDF5 filters every reader has built in. Measured on 96x96 patches: lzf ~360 us/image for a
@@ -32,6 +31,9 @@ def column_dtypes() -> dict[str, np.dtype | type]:
 
 def create_zarr(path: Path, counts: dict[str, int], shape: tuple[int, ...], chunk_rows: int) -> Path:
     """Create `{split}/x` (and the column arrays) in a fresh store at a temporary path."""
+    import zarr
+    from zarr.codecs import BloscCodec
+
     tmp = tmp_path(path)
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -47,12 +49,16 @@ def create_zarr(path: Path, counts: dict[str, int], shape: tuple[int, ...], chun
 
 def write_zarr_rows(store: Path, split: str, start: int, images: np.ndarray) -> None:
     """Fill rows [start, start+len) of `{split}/x`; callers keep ranges chunk-aligned."""
+    import zarr
+
     with zarr.config.set({"array.write_empty_chunks": True}):  # full chunks: skip the all-equal scan
         array = zarr.open_array(store=str(store), path=f"{split}/x", mode="r+")
         array[start : start + len(images)] = images
 
 
 def write_zarr_columns(store: Path, split: str, columns: dict[str, np.ndarray]) -> None:
+    import zarr
+
     group = zarr.open_group(store=str(store), mode="r+")
     for name, values in columns.items():
         dtype = column_dtypes()[name]
@@ -77,6 +83,8 @@ def write_hdf5(
     codec: str = "none",
 ) -> None:
     """Write `pcam.h5` atomically. `splits[name] = (count, columns, (start, images) blocks)`."""
+    import h5py
+
     tmp = tmp_path(path)
     # No timestamps (track_times=False) so the same data gives the same bytes.
     with h5py.File(tmp, "w", libver=("v110", "v110"), track_order=False) as fh:
