@@ -7,9 +7,11 @@ plain Python; callers hand over `dask.delayed` calls and get results back in ord
 from __future__ import annotations
 
 import ctypes
+import importlib
 import logging
 import multiprocessing
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import AbstractContextManager
@@ -57,29 +59,54 @@ def keep_freed_memory() -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
+def init_worker(preload: tuple[str, ...] = ()) -> None:
+    """Per-worker setup: reusable freed memory, single-threaded BLAS, modules imported early.
+
+    Each worker already is one of N parallel lanes; letting OpenBLAS start its own threads
+    in every worker oversubscribes the cores (its threads spin while waiting), which made
+    two workers slower than one here.
+    """
+    keep_freed_memory()
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+    for module in preload:  # imported while the driver scans, not inside the first task
+        importlib.import_module(module)
+
+
 class Executor(AbstractContextManager):
     """Run batches of delayed tasks on the configured scheduler."""
 
-    def __init__(self, scheduler: str | None, workers: int, progress: ProgressFn | None = None) -> None:
+    def __init__(self, scheduler: str | None, workers: int, progress: ProgressFn | None = None,
+                 preload: tuple[str, ...] = ()) -> None:
         # Processes by default: the per-file work is short Python steps between GIL-releasing
         # calls, and two threads measured slower than one process here.
         self.scheduler = scheduler or ("processes" if workers > 1 else "sync")
         self.workers = workers
         self.progress = progress
         self.client = None
+        self.timings: dict[str, float] = {}  # wall seconds per stage, for run.json
         self.pool: ProcessPoolExecutor | None = None
         if self.scheduler in LOCAL_SCHEDULERS:
             keep_freed_memory()
         else:
             self.client = _connect(self.scheduler)
         if self.scheduler == "processes":
-            self.pool = ProcessPoolExecutor(workers, mp_context=_process_context(), initializer=keep_freed_memory)
+            self.pool = ProcessPoolExecutor(workers, mp_context=_process_context(), initializer=init_worker,
+                                            initargs=(preload,))
+        self._limits = None
+        if self.scheduler == "threads":
+            from threadpoolctl import threadpool_limits
+
+            self._limits = threadpool_limits(1)  # the worker threads are the parallelism
 
     def __exit__(self, *exc: Any) -> None:
         if self.client is not None:
             self.client.close()
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+        if self._limits is not None:
+            self._limits.restore_original_limits()
 
     @property
     def description(self) -> str:
@@ -91,6 +118,13 @@ class Executor(AbstractContextManager):
         """Compute `tasks` (dask.delayed objects) and return their results in order."""
         if not tasks:
             return []
+        start = time.perf_counter()
+        try:
+            return self._run(stage, tasks)
+        finally:
+            self.timings[stage] = round(time.perf_counter() - start, 4)
+
+    def _run(self, stage: str, tasks: Sequence[Any]) -> list[Any]:
         report = self.progress or (lambda *_: None)
         report(stage, 0, len(tasks))
         if self.client is not None:

@@ -43,7 +43,7 @@ from .schema import (
 from .sources.kaggle import REJECT_COLUMNS, Inventory, resolve_layout, scan
 from .stats import Moments, channel_moments, merge
 from .validate import inspect_batch, load_images
-from .write import PieceResult, write_hdf5_piece, write_wds_piece, write_zarr_piece
+from .write import Files, PieceResult, ShardRows, Sources, write_hdf5_piece, write_wds_piece, write_zarr_piece
 from .writers import arrays, sha256_file, sha256_tree
 from .writers.manifest import (
     file_entry,
@@ -99,7 +99,8 @@ def build(config: BuildConfig, progress: ProgressFn | None = None) -> BuildSumma
     clock = _Clock()
     out = config.out.resolve()
     _prepare_out(out)
-    with Executor(config.scheduler, config.n_workers, progress) as executor:
+    preload = tuple(m for f, m in (("zarr", "zarr"), ("hdf5", "h5py")) if f in config.formats)
+    with Executor(config.scheduler, config.n_workers, progress, preload) as executor:
         found = analyse(config, executor, clock)
         pieces = write_outputs(executor, out, found.train, found.test, found.shape, config)
         clock.lap("write")
@@ -107,7 +108,7 @@ def build(config: BuildConfig, progress: ProgressFn | None = None) -> BuildSumma
     files += write_tables(out, found.rejects, found.dedup.duplicates)
     manifest = describe(config, found, files)
     clock.lap("checksums")
-    write_json_atomic(out / RUN_INFO_NAME, _run_info(config, executor.description, clock.laps))
+    write_json_atomic(out / RUN_INFO_NAME, _run_info(config, executor, clock.laps))
     write_manifest(out, manifest)
     return BuildSummary(out, manifest, clock.laps)
 
@@ -173,53 +174,83 @@ def _empty(split: str) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
-def _sources(frame: pd.DataFrame, rows=slice(None)):
-    return list(frame["path"].iloc[rows]), list(frame["stamp"].iloc[rows])
+def _files(frame: pd.DataFrame, rows=slice(None)) -> Files:
+    return Files(list(frame["path"].iloc[rows]), list(frame["stamp"].iloc[rows]))
 
 
 def write_outputs(executor, out, train, test, shape, config) -> list[PieceResult]:
-    """Plan every output piece, run them in parallel, and swap the stores into place."""
-    tasks = []
+    """Write the shards first; the arrays then copy from them (one read of each source file)."""
+    frames = {"train": train, "test": test}
+    pieces: list[PieceResult] = []
+    rows: dict[str, Sources] = {split: _files(frame) for split, frame in frames.items()}
     if "wds" in config.formats:
         (out / WDS_DIR).mkdir(exist_ok=True)
-        tasks += _wds_tasks(out, train, test, shape, config)
-    zarr_tmp = None
+        plan = _wds_plan(out, train, test, config)
+        pieces += executor.run("shards", [_wds_task(piece, frames, shape) for piece in plan])
+        rows = {split: ShardRows([(str(p.path), p.count, 0, p.count) for p in plan if p.split == split],
+                                 split == "train") for split in frames}
+        _remove_stale_shards(out, {p.path.name for p in plan})
+    tasks, zarr_tmp = [], None
     if "zarr" in config.formats:
-        zarr_tmp = arrays.create_zarr(out / ZARR_NAME, {"train": len(train), "test": len(test)}, shape, config.chunk_rows)
-        arrays.write_zarr_columns(zarr_tmp, "train", _columns(train, labelled=True))
-        arrays.write_zarr_columns(zarr_tmp, "test", _columns(test, labelled=False))
+        zarr_tmp = arrays.create_zarr(out / ZARR_NAME, {s: len(f) for s, f in frames.items()}, shape, config.chunk_rows)
         step = config.chunk_rows * max(1, 2048 // config.chunk_rows)
-        for split, frame in (("train", train), ("test", test)):
-            tasks += [
-                delayed(write_zarr_piece, pure=False)(str(zarr_tmp), split, s, shape,
-                                                      _sources(frame, slice(s, s + step)), config.chunk_rows)
-                for s in range(0, len(frame), step)
-            ]
+        for split, frame in frames.items():
+            arrays.write_zarr_columns(zarr_tmp, split, _columns(frame, labelled=split == "train"))
+            tasks += [delayed(write_zarr_piece, pure=False)(str(zarr_tmp), split, s, shape,
+                                                            _slice(rows[split], s, s + step), config.chunk_rows)
+                      for s in range(0, len(frame), step)]
     if "hdf5" in config.formats:
-        splits = {"train": (_columns(train, labelled=True), _sources(train)),
-                  "test": (_columns(test, labelled=False), _sources(test))}
+        splits = {split: (_columns(frame, labelled=split == "train"), rows[split]) for split, frame in frames.items()}
         tasks.insert(0, delayed(write_hdf5_piece, pure=False)(  # longest task first
             str(out / HDF5_NAME), shape, config.chunk_rows, splits, config.hdf5_codec))
-    pieces = executor.run("write", tasks)
+    pieces += executor.run("arrays", tasks)
     if zarr_tmp is not None:
         arrays.finish_store(zarr_tmp, out / ZARR_NAME)
-    _remove_stale_shards(out, {Path(p.path).name for p in pieces if p.kind == "wds"})
     return pieces
 
 
-def _wds_tasks(out, train, test, shape, config):
-    tasks = []
+def _slice(rows: Sources, start: int, stop: int) -> Sources:
+    """Rows [start, stop) of a split, from files or from the shards that hold them."""
+    if isinstance(rows, Files):
+        return Files(rows.paths[start:stop], rows.stamps[start:stop])
+    spans, offset = [], 0
+    for path, count, first, end in rows.spans:
+        lo, hi = max(start, offset), min(stop, offset + end - first)
+        if lo < hi:
+            spans.append((path, count, first + lo - offset, first + hi - offset))
+        offset += end - first
+    return ShardRows(spans, rows.labelled)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    split: str
+    fold: int | None
+    path: Path
+    rows: np.ndarray  # positions in the split's (fold, id) order
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+
+def _wds_plan(out: Path, train: pd.DataFrame, test: pd.DataFrame, config: BuildConfig) -> list[ShardPlan]:
+    """Shards in row order: train by fold, `shard_size` each, then test."""
     groups = [("train", fold, np.flatnonzero(train["fold"].to_numpy() == fold)) for fold in range(config.folds)]
     groups.append(("test", None, np.arange(len(test))))
+    plan = []
     for split, fold, index in groups:
-        frame = train if split == "train" else test
         for shard, start in enumerate(range(0, len(index), config.shard_size)):
-            rows = index[start : start + config.shard_size]
-            labels = frame["label"].to_numpy(np.uint8)[rows] if split == "train" else None
             path = out / WDS_DIR / shard_name(split, shard, fold)
-            tasks.append(delayed(write_wds_piece, pure=False)(
-                str(path), split, shape, list(frame["id"].iloc[rows]), labels, _sources(frame, rows)))
-    return tasks
+            plan.append(ShardPlan(split, fold, path, index[start : start + config.shard_size]))
+    return plan
+
+
+def _wds_task(piece: ShardPlan, frames: dict[str, pd.DataFrame], shape):
+    frame = frames[piece.split]
+    labels = frame["label"].to_numpy(np.uint8)[piece.rows] if piece.split == "train" else None
+    return delayed(write_wds_piece, pure=False)(str(piece.path), piece.split, shape,
+                                                list(frame["id"].iloc[piece.rows]), labels, _files(frame, piece.rows))
 
 
 def _columns(frame: pd.DataFrame, labelled: bool) -> dict[str, np.ndarray]:
@@ -239,13 +270,14 @@ def _remove_stale_shards(out: Path, current: set[str]) -> None:
 
 def describe_files(out, config, train, test, pieces) -> list[dict]:
     files = []
-    for piece in sorted((p for p in pieces if p.kind == "wds"), key=lambda p: p.path):
+    for piece in (p for p in pieces if p.kind == "wds"):  # plan order = row order, also for >= 10 folds
         name = Path(piece.path).name
         fold = int(name.split("-")[1][1:]) if piece.split == "train" else None
         files.append(file_entry(out, Path(piece.path), "wds", piece.split, fold, piece.count, piece.sha256))
     if "zarr" in config.formats:
+        known = {rel: digest for p in pieces if p.kind == "zarr" for rel, digest in (p.digests or {}).items()}
         files.append(file_entry(out, out / ZARR_NAME, "zarr", None, None, len(train) + len(test),
-                                sha256_tree(out / ZARR_NAME)))
+                                sha256_tree(out / ZARR_NAME, known)))
     for piece in (p for p in pieces if p.kind == "hdf5"):
         files.append(file_entry(out, Path(piece.path), "hdf5", None, None, piece.count, piece.sha256))
     return files
@@ -293,9 +325,10 @@ def describe(config: BuildConfig, found: Analysis, files: list[dict]) -> dict[st
     }
 
 
-def _run_info(config: BuildConfig, scheduler: str, laps: dict[str, float]) -> dict[str, Any]:
-    return {"host": platform.node(), "cpus": os.cpu_count(), "scheduler": scheduler,
-            "execution": config.execution(), "seconds": laps, "finished_unix": time.time()}
+def _run_info(config: BuildConfig, executor: Executor, laps: dict[str, float]) -> dict[str, Any]:
+    return {"host": platform.node(), "cpus": os.cpu_count(), "scheduler": executor.description,
+            "execution": config.execution(), "seconds": laps, "stages": executor.timings,
+            "finished_unix": time.time()}
 
 
 class _Clock:

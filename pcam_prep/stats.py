@@ -90,4 +90,4 @@ def channel_moments(images: np.ndarray) -> Moments:
     return Moments(n * h * w, tuple(int(v) for v in sums), tuple(int(v) for v in squares))
 
 
-_ROWS = 64
+_ROWS = 8  # 8 images of float32 scratch (~880 KB) stay in L2; 64 measured ~2x slower

@@ -7,11 +7,13 @@ in a thread, a process or on a remote dask worker that sees the same filesystem.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .loader import shard_images
 from .schema import SampleLayout
 from .validate import load_images
 from .writers import arrays, sha256_file, wds
@@ -20,14 +22,50 @@ FORMAT_VERSION = 1  # bump when the shard byte layout changes: old shards are th
 BLOCK_ROWS = 512  # images in memory per task at a time: ~14 MB at 96x96
 
 
-def image_blocks(sources: Sources, shape: tuple[int, int, int], rows: int = BLOCK_ROWS):
-    """(start, images) blocks of the accepted files, `rows` at a time."""
-    paths, stamps = sources
-    for start in range(0, len(paths), rows):
-        yield start, load_images(paths[start : start + rows], stamps[start : start + rows], shape)
+@dataclass(frozen=True)
+class Files:
+    """Rows that come from the source files (re-read and checked against their stamps)."""
+
+    paths: list[str]
+    stamps: list[tuple[int, int]]  # (size, mtime_ns) at inspection
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def blocks(self, shape: tuple[int, int, int], rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        for start in range(0, len(self.paths), rows):
+            stop = start + rows
+            yield start, load_images(self.paths[start:stop], self.stamps[start:stop], shape)
 
 
-Sources = tuple[list[str], list[tuple[int, int]]]  # paths and their (size, mtime_ns) at inspection
+@dataclass(frozen=True)
+class ShardRows:
+    """Rows that come from shards this build already wrote: a memcpy, no file per image."""
+
+    spans: list[tuple[str, int, int, int]]  # (shard path, count in shard, first row, stop row)
+    labelled: bool
+
+    def __len__(self) -> int:
+        return sum(stop - first for _, _, first, stop in self.spans)
+
+    def blocks(self, shape: tuple[int, int, int], rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        layout = SampleLayout(tuple(shape), self.labelled)
+        out = np.empty((rows, *shape), np.uint8)
+        filled = start = 0
+        for path, count, first, stop in self.spans:
+            images = shard_images(Path(path), layout, count)
+            while first < stop:
+                take = min(stop - first, rows - filled)
+                out[filled : filled + take] = images[first : first + take]
+                filled, first = filled + take, first + take
+                if filled == rows:
+                    yield start, out
+                    start, filled = start + rows, 0
+        if filled:
+            yield start, out[:filled]
+
+
+Sources = Files | ShardRows
 
 
 @dataclass(frozen=True)
@@ -38,11 +76,12 @@ class PieceResult:
     split: str
     path: str
     count: int
-    sha256: str | None  # None for pieces of a directory store (hashed once at the end)
+    sha256: str | None  # None for pieces of a directory store
+    digests: dict[str, str] | None = None  # store-relative path -> sha256 of the chunk files this piece wrote
 
 
 def write_wds_piece(
-    path: str, split: str, shape: tuple[int, int, int], ids: list[str], labels: np.ndarray | None, sources: Sources
+    path: str, split: str, shape: tuple[int, int, int], ids: list[str], labels: np.ndarray | None, sources: Files
 ) -> PieceResult:
     """Write one shard, or keep the finished one from an earlier run if it is provably the same."""
     plan = piece_plan(shape, ids, labels, sources)
@@ -52,19 +91,19 @@ def write_wds_piece(
     layout = SampleLayout(tuple(shape), labels is not None)
     blocks = (
         (ids[start : start + len(images)], images, None if labels is None else labels[start : start + len(images)])
-        for start, images in image_blocks(sources, shape)
+        for start, images in sources.blocks(shape, BLOCK_ROWS)
     )
     result = wds.write_shard(Path(path), layout, blocks)
     wds.mark_finished(result, plan)
     return PieceResult("wds", split, path, result.count, result.sha256)
 
 
-def piece_plan(shape, ids: list[str], labels: np.ndarray | None, sources: Sources) -> str:
+def piece_plan(shape, ids: list[str], labels: np.ndarray | None, sources: Files) -> str:
     """A digest of everything a piece's bytes depend on: same plan, same bytes."""
     digest = hashlib.sha256(repr((tuple(shape), FORMAT_VERSION)).encode())
     digest.update("\n".join(ids).encode())
     digest.update(b"" if labels is None else np.asarray(labels, np.uint8).tobytes())
-    digest.update(repr([tuple(s) for s in sources[1]]).encode())
+    digest.update(repr([tuple(s) for s in sources.stamps]).encode())
     return digest.hexdigest()
 
 
@@ -72,9 +111,12 @@ def write_zarr_piece(
     store: str, split: str, start: int, shape: tuple[int, int, int], sources: Sources, chunk_rows: int
 ) -> PieceResult:
     rows = max(chunk_rows, BLOCK_ROWS // chunk_rows * chunk_rows)  # whole chunks per write
-    for offset, images in image_blocks(sources, shape, rows):
+    for offset, images in sources.blocks(shape, rows):
         arrays.write_zarr_rows(Path(store), split, start + offset, images)
-    return PieceResult("zarr", split, store, len(sources[0]), None)
+    chunks = range(start // chunk_rows, -(-(start + len(sources)) // chunk_rows))
+    files = arrays.chunk_files(Path(store), split, chunks)
+    digests = {rel: sha256_file(Path(store) / rel) for rel in files}  # hashed here, in parallel
+    return PieceResult("zarr", split, store, len(sources), None, digests)
 
 
 def write_hdf5_piece(
@@ -84,8 +126,8 @@ def write_hdf5_piece(
     """The whole HDF5 file in one task. `splits[name] = (columns, sources)`."""
     rows = max(chunk_rows, BLOCK_ROWS // chunk_rows * chunk_rows)
     plan = {
-        name: (len(src[0]), columns, image_blocks(src, shape, rows)) for name, (columns, src) in splits.items()
+        name: (len(src), columns, src.blocks(shape, rows)) for name, (columns, src) in splits.items()
     }
     arrays.write_hdf5(Path(path), tuple(shape), chunk_rows, plan, codec)
-    count = sum(len(src[0]) for _, src in splits.values())
+    count = sum(len(src) for _, src in splits.values())
     return PieceResult("hdf5", "all", path, count, sha256_file(Path(path)))

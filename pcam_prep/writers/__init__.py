@@ -6,7 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
-_HASH_CHUNK = 8 * 1024 * 1024
+_HASH_CHUNK = 1024 * 1024
 
 
 def tmp_path(path: Path) -> Path:
@@ -16,18 +16,27 @@ def tmp_path(path: Path) -> Path:
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
+    buf = bytearray(_HASH_CHUNK)  # one reused buffer: fresh pages per read cost more than hashing
+    view = memoryview(buf)
     with open(path, "rb", buffering=0) as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
+        while n := fh.readinto(buf):
+            digest.update(view[:n])
     return digest.hexdigest()
 
 
-def sha256_tree(root: Path) -> str:
-    """One digest for a directory store: sha256 over sorted `relpath\\0filehash\\n` lines."""
-    lines = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            full = Path(dirpath) / name
-            lines.append(f"{full.relative_to(root).as_posix()}\0{sha256_file(full)}\n")
-    return hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()
+def tree_files(root: Path) -> list[str]:
+    """Every file below `root`, as sorted posix paths relative to it."""
+    found = []
+    for dirpath, _, filenames in os.walk(root):
+        found += [(Path(dirpath) / name).relative_to(root).as_posix() for name in filenames]
+    return sorted(found)
+
+
+def sha256_tree(root: Path, known: dict[str, str] | None = None) -> str:
+    """One digest for a directory store: sha256 over sorted `relpath\\0filehash\\n` lines.
+
+    `known` holds digests already computed (by the tasks that wrote those files).
+    """
+    known = known or {}
+    lines = [f"{rel}\0{known.get(rel) or sha256_file(root / rel)}\n" for rel in tree_files(root)]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()

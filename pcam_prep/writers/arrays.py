@@ -43,6 +43,7 @@ def create_zarr(path: Path, counts: dict[str, int], shape: tuple[int, ...], chun
             f"{split}/x", shape=(n, *shape), chunks=(max(1, min(chunk_rows, n)), *shape), dtype="uint8",
             compressors=BloscCodec(**IMAGE_CODEC), fill_value=0,
             config={"write_empty_chunks": True},  # skip zarr's per-chunk all-equal scan: every chunk is full
+            chunk_key_encoding={"name": "default", "separator": "/"},  # chunk i of x is x/c/i/0/0/0
         )
     return tmp
 
@@ -54,6 +55,15 @@ def write_zarr_rows(store: Path, split: str, start: int, images: np.ndarray) -> 
     with zarr.config.set({"array.write_empty_chunks": True}):  # full chunks: skip the all-equal scan
         array = zarr.open_array(store=str(store), path=f"{split}/x", mode="r+")
         array[start : start + len(images)] = images
+
+
+def chunk_files(store: Path, split: str, chunks: range) -> list[str]:
+    """Store-relative paths of the files holding image chunks `chunks` of `{split}/x`."""
+    found = []
+    for index in chunks:
+        folder = store / split / "x" / "c" / str(index)
+        found += [p.relative_to(store).as_posix() for p in folder.rglob("*") if p.is_file()]
+    return found
 
 
 def write_zarr_columns(store: Path, split: str, columns: dict[str, np.ndarray]) -> None:

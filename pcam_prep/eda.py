@@ -1,0 +1,355 @@
+"""`pcam-prep stats`: what a dataset holds, from a built OUT folder or straight from the tifs.
+
+    found    = built(out) | raw(src)            counts, folds, moments, rejects, duplicates
+    blocks   = row ranges of ~2048 images       a store path + rows, a shard, or tif paths
+    tallies  = tally_block(blocks)  [parallel]  per-image HSV saturation, pixel histograms
+    eda      = summarise(found, tallies)        one JSON-ready dict + arrays for the report
+
+Counts, folds and mean/std are never recomputed: a built folder's come from its manifest, a
+raw folder's from `pipeline.analyse` + `pipeline.describe`, the code a build runs, so the two
+agree exactly. Background rule: PCam dropped patches whose HSV saturation was below 0.07;
+here a patch is background when the mean of its per-pixel saturation (max-min)/max is < 0.07.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from dask import delayed
+
+from . import PcamPrepError
+from .config import BuildConfig
+from .decode import Reject, read_file
+from .executor import Executor, ProgressFn
+from .pipeline import analyse, describe
+from .schema import (DUPLICATES_NAME, HDF5_NAME, IMAGE_MEMBER, LABEL_MEMBER, MANIFEST_NAME, REJECTS_NAME, TAR_BLOCK,
+                     ZARR_NAME, SampleLayout)
+from .sources.kaggle import KaggleLayout, resolve_layout
+from .validate import decoder_for, load_images
+from .writers.manifest import read_manifest, safe_relpath
+
+logger = logging.getLogger(__name__)
+
+BACKGROUND_SATURATION = 0.07  # PCam's tissue threshold on HSV saturation
+BACKGROUND_RULE = "mean per-pixel HSV saturation (max-min)/max < 0.07 (PCam's background threshold)"
+BLOCK_ROWS = 2048  # images per Dask task: amortises the task cost, ~56 MB of pixels at most
+_STEP = 256  # images per vectorised step inside a task: keeps each worker at ~10 MB
+
+
+@dataclass(frozen=True)
+class EdaOptions:
+    workers: int | None = None  # parallel workers; default: one per core
+    scheduler: str | None = None  # threads | processes | sync | tcp:// address (see Executor)
+    samples_per_label: int = 0  # train patches to pick per label for the report grid (0: none)
+    seed: int = 0  # which patches the grid shows
+
+
+@dataclass(frozen=True)
+class Block:
+    """One task's images, addressed by path so it pickles cheaply: never an open handle."""
+
+    kind: str  # zarr | hdf5 | wds | files
+    path: str  # store or shard path ("" for files)
+    split: str
+    shape: tuple[int, int, int]
+    start: int = 0  # rows [start, stop) of the store or shard
+    stop: int = 0
+    files: tuple[str, ...] = ()  # kind == files: the tifs, their (size, mtime_ns) and labels
+    stamps: tuple[tuple[int, int], ...] = ()
+    labels: tuple[int, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.files) if self.kind == "files" else self.stop - self.start
+
+
+@dataclass(frozen=True)
+class Tally:
+    """Pixel facts about one block."""
+
+    labels: np.ndarray | None  # (N,) uint8, train only
+    saturation: np.ndarray  # (N,) float64 mean HSV saturation per image
+    hist: np.ndarray  # (G, 3, 256) int64 pixel counts: G = 2 labels for train, 1 group for test
+
+
+@dataclass(frozen=True)
+class Eda:
+    summary: dict[str, Any]  # what `stats --json` prints
+    hist: np.ndarray  # (2, 3, 256) train pixel counts by label, channel, value
+    saturation: dict[str, np.ndarray]  # split -> per-image mean saturation, in output row order
+    labels: np.ndarray  # train labels, same order
+    samples: dict[int, np.ndarray]  # label -> (n, H, W, 3) train patches for the grid
+    rejects: pd.DataFrame  # id, path (relative to the source root), reason, detail
+    duplicates: pd.DataFrame  # kept, dropped, kind
+    sources: KaggleLayout | None  # where the source tifs are, if they can still be found
+    note: str = ""  # why `sources` is None
+
+
+@dataclass(frozen=True)
+class _Found:
+    manifest: dict[str, Any]
+    source: str
+    blocks: list[Block]  # train blocks first, in row order, then test
+    rejects: pd.DataFrame
+    duplicates: pd.DataFrame
+    sources: KaggleLayout | None
+    note: str = ""
+
+
+def collect(target: Path, options: EdaOptions = EdaOptions(), progress: ProgressFn | None = None) -> Eda:
+    """Everything `stats` prints and `--report` draws, for a built or a raw folder."""
+    target = Path(target)
+    built = target_kind(target) == "built"
+    workers = options.workers or os.cpu_count() or 1
+    with Executor(options.scheduler, workers, progress) as executor:
+        found = find_built(target) if built else find_raw(target, executor, options)
+        tallies = executor.run("pixels", [delayed(tally_block, pure=False)(b) for b in found.blocks])
+    train = [t for b, t in zip(found.blocks, tallies) if b.split == "train"]
+    test = [t for b, t in zip(found.blocks, tallies) if b.split == "test"]
+    labels = np.concatenate([t.labels for t in train]) if train else np.zeros(0, np.uint8)
+    saturation = {"train": _concat([t.saturation for t in train]), "test": _concat([t.saturation for t in test])}
+    hist = sum((t.hist for t in train), np.zeros((2, 3, 256), np.int64))
+    rows = choose_rows(labels, options.samples_per_label, options.seed)
+    train_blocks = [b for b in found.blocks if b.split == "train"]
+    samples = {label: read_rows(train_blocks, picked) for label, picked in rows.items()}
+    summary = summarise(found.manifest, saturation, labels)
+    summary = {"target": str(target.resolve()), "kind": "built" if built else "raw", "source": found.source, **summary}
+    return Eda(summary, hist, saturation, labels, samples, found.rejects, found.duplicates, found.sources, found.note)
+
+
+def target_kind(target: Path) -> str:
+    """'built' (has a manifest) or 'raw' (Kaggle root, or its train/ folder beside train_labels.csv)."""
+    if not target.is_dir():
+        raise PcamPrepError(f"{target} is not a folder")
+    if (target / MANIFEST_NAME).is_file():
+        return "built"
+    if (target / "train").is_dir() or (target.parent / "train_labels.csv").is_file():
+        return "raw"
+    raise PcamPrepError(f"{target} is neither a built folder (no {MANIFEST_NAME}) nor a Kaggle-layout folder "
+                        f"(no train/ inside it, no train_labels.csv beside it)")
+
+
+def find_built(out: Path) -> _Found:
+    """Blocks over the fastest store the build wrote (zarr, then hdf5, then wds shards)."""
+    manifest = read_manifest(out)
+    shape = tuple(manifest["image_shape"])
+    formats = {f["format"] for f in manifest["files"]}
+    source = next((f for f in ("zarr", "hdf5", "wds") if f in formats), None)
+    if source is None:
+        raise PcamPrepError(f"{out}: the manifest lists no zarr, hdf5 or wds output to read pixels from")
+    blocks = []
+    for split in ("train", "test"):
+        if source == "wds":
+            shards = [f for f in manifest["files"] if f["format"] == "wds" and f["split"] == split]
+            for entry in sorted(shards, key=lambda f: (f["fold"] or 0, f["path"])):  # f10 after f9
+                blocks += _ranges("wds", str(safe_relpath(out, entry["path"])), split, shape, entry["count"])
+        else:
+            store = out / (ZARR_NAME if source == "zarr" else HDF5_NAME)
+            blocks += _ranges(source, str(store), split, shape, manifest["splits"][split]["count"])
+    rejects, duplicates = (_read_table(out / name) for name in (REJECTS_NAME, DUPLICATES_NAME))
+    sources, note = _recorded_sources(manifest.get("config", {}))
+    return _Found(manifest, source, blocks, rejects, duplicates, sources, note)
+
+
+def find_raw(src: Path, executor: Executor, options: EdaOptions) -> _Found:
+    """Decode, validate, dedup and fold-assign exactly as `build` would (default settings)."""
+    # analyse() never touches `out`; BuildConfig just requires one.
+    config = BuildConfig(src=src, out=src, workers=options.workers, scheduler=options.scheduler)
+    found = analyse(config, executor)
+    manifest = describe(config, found, [])
+    blocks = []
+    for split, frame in (("train", found.train), ("test", found.test)):
+        labels = frame["label"].astype(int).tolist() if split == "train" else []
+        for start in range(0, len(frame), BLOCK_ROWS):
+            rows = slice(start, start + BLOCK_ROWS)
+            blocks.append(Block("files", "", split, found.shape, files=tuple(frame["path"].iloc[rows]),
+                                stamps=tuple(tuple(s) for s in frame["stamp"].iloc[rows]), labels=tuple(labels[rows])))
+    layout = resolve_layout(src)
+    return _Found(manifest, "tif", blocks, found.rejects, found.dedup.duplicates, layout)
+
+
+def _ranges(kind: str, path: str, split: str, shape, count: int) -> list[Block]:
+    return [Block(kind, path, split, shape, s, min(s + BLOCK_ROWS, count)) for s in range(0, count, BLOCK_ROWS)]
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else pd.DataFrame()
+
+
+def _recorded_sources(config: dict[str, Any]) -> tuple[KaggleLayout | None, str]:
+    src = config.get("src")
+    if not src:
+        return None, "the manifest records no source folder"
+    try:
+        return resolve_layout(Path(src), config.get("labels"), config.get("test"), config.get("no_test", False)), ""
+    except PcamPrepError as exc:
+        return None, f"source files not found ({exc})"
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def read_range(block: Block, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images (and train labels) of rows [start, stop) of `block`, counted from the block's start."""
+    if block.kind == "files":
+        images = load_images(list(block.files[start:stop]), list(block.stamps[start:stop]), block.shape)
+        return images, np.asarray(block.labels[start:stop], np.uint8) if block.split == "train" else None
+    lo, hi = block.start + start, block.start + stop
+    if block.kind == "wds":
+        return read_shard_rows(Path(block.path), block.split, block.shape, lo, hi)
+    if block.kind == "zarr":
+        import zarr
+
+        group = zarr.open_group(block.path, mode="r")
+        labels = np.asarray(group[f"{block.split}/y"][lo:hi], np.uint8) if block.split == "train" else None
+        return np.asarray(group[f"{block.split}/x"][lo:hi]), labels
+    import h5py
+
+    with h5py.File(block.path, "r") as fh:
+        labels = np.asarray(fh[f"{block.split}/y"][lo:hi], np.uint8) if block.split == "train" else None
+        return np.asarray(fh[f"{block.split}/x"][lo:hi]), labels
+
+
+def read_shard_rows(path: Path, split: str, shape, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Samples [start, stop) of a shard, found by the fixed layout and checked member by member."""
+    layout = SampleLayout(tuple(shape), split == "train")
+    n, stride = stop - start, layout.stride
+    with open(path, "rb") as fh:
+        fh.seek(start * stride)
+        data = fh.read(n * stride)
+    if len(data) != n * stride:
+        raise PcamPrepError(f"{path}: too short for samples {start}..{stop}; rebuild or run `pcam-prep verify`")
+    images = np.empty((n, *layout.shape), np.uint8)
+    labels = np.empty(n, np.uint8) if layout.labelled else None
+    header = layout.npy_header
+    for i in range(n):
+        pixels = _member(data, i * stride, IMAGE_MEMBER, path)
+        if pixels[: len(header)] != header:
+            raise PcamPrepError(f"{path}: sample {start + i} is not a {layout.shape} uint8 array")
+        images[i] = np.frombuffer(pixels, np.uint8, layout.image_bytes, len(header)).reshape(layout.shape)
+        if labels is not None:
+            labels[i] = int(_member(data, i * stride + layout.label_offset - TAR_BLOCK, LABEL_MEMBER, path))
+    return images, labels
+
+
+def _member(data: bytes, at: int, suffix: str, path: Path) -> bytes:
+    import tarfile
+
+    try:
+        info = tarfile.TarInfo.frombuf(data[at : at + TAR_BLOCK], "utf-8", "strict")
+    except tarfile.HeaderError as exc:
+        raise PcamPrepError(f"{path}: bad tar header at byte {at}: {exc}") from None
+    if not info.name.endswith(f".{suffix}"):
+        raise PcamPrepError(f"{path}: expected a .{suffix} member at byte {at}, found {info.name!r}")
+    return data[at + TAR_BLOCK : at + TAR_BLOCK + info.size]
+
+
+def tally_block(block: Block) -> Tally:
+    """Saturation per image and pixel histograms of one block, a few hundred images at a time."""
+    groups = 2 if block.split == "train" else 1
+    hist = np.zeros((groups, 3, 256), np.int64)
+    saturation, labels = [], []
+    for start in range(0, len(block), _STEP):
+        images, y = read_range(block, start, min(start + _STEP, len(block)))
+        saturation.append(mean_saturation(images))
+        hist += channel_histograms(images, y if y is not None else np.zeros(len(images), np.uint8), groups)
+        labels.append(y)
+    return Tally(np.concatenate(labels) if groups == 2 and labels else None, _concat(saturation), hist)
+
+
+def mean_saturation(images: np.ndarray) -> np.ndarray:
+    """(N,) mean over pixels of HSV saturation (max-min)/max, 0 where max == 0."""
+    r, g, b = images[..., 0], images[..., 1], images[..., 2]
+    hi = np.maximum(np.maximum(r, g), b).astype(np.float32)
+    lo = np.minimum(np.minimum(r, g), b)
+    sat = np.divide(hi - lo, hi, out=np.zeros_like(hi), where=hi > 0)
+    return sat.reshape(len(images), -1).mean(axis=1, dtype=np.float64)
+
+
+def channel_histograms(images: np.ndarray, labels: np.ndarray, groups: int) -> np.ndarray:
+    """(groups, C, 256) pixel-value counts per label and channel."""
+    hist = np.zeros((groups, images.shape[-1], 256), np.int64)
+    for group in range(groups):
+        chosen = images[labels == group]
+        for c in range(images.shape[-1]):
+            hist[group, c] = np.bincount(chosen[..., c].ravel(), minlength=256)
+    return hist
+
+
+def choose_rows(labels: np.ndarray, per_label: int, seed: int) -> dict[int, np.ndarray]:
+    """Up to `per_label` sorted train rows of each label, the same for the same seed."""
+    if per_label < 0:
+        raise ValueError(f"per_label must be >= 0, got {per_label!r}")
+    if not per_label:
+        return {}
+    rng = np.random.default_rng(seed)
+    rows = {}
+    for label in (0, 1):
+        pool = np.flatnonzero(labels == label)
+        rows[label] = np.sort(rng.choice(pool, size=min(per_label, len(pool)), replace=False))
+    return rows
+
+
+def read_rows(blocks: list[Block], rows: np.ndarray) -> np.ndarray:
+    """Images at global `rows` of consecutive `blocks` (a few patches for the report)."""
+    if not blocks:
+        return np.zeros((0, 96, 96, 3), np.uint8)
+    ends = np.cumsum([len(b) for b in blocks])
+    images = np.empty((len(rows), *blocks[0].shape), np.uint8)
+    for i, row in enumerate(rows):
+        k = int(np.searchsorted(ends, row, side="right"))
+        local = int(row - (ends[k - 1] if k else 0))
+        images[i] = read_range(blocks[k], local, local + 1)[0][0]
+    return images
+
+
+def summarise(manifest: dict[str, Any], saturation: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, Any]:
+    """The stats object: manifest facts copied as they are, plus shares and the background pass."""
+    splits = {name: dict(part) for name, part in manifest["splits"].items()}
+    train = splits["train"]
+    train["positive_share"] = _share(train["positives"], train["count"])
+    folds = dict(manifest["folds"])
+    folds["counts"] = [{**f, "positive_share": _share(f["positives"], f["count"])} for f in folds["counts"]]
+    background = {"rule": BACKGROUND_RULE, "threshold": BACKGROUND_SATURATION}
+    background["train"] = _background(saturation["train"])
+    background["train"]["by_label"] = {str(k): _background(saturation["train"][labels == k]) for k in (0, 1)}
+    background["test"] = _background(saturation["test"])
+    return {
+        "image_shape": manifest["image_shape"],
+        "splits": splits,
+        "folds": folds,
+        "stats": {k: manifest["stats"][k] for k in ("mean", "std", "scale", "images")},
+        "rejects": manifest["rejects"],
+        "duplicates": manifest["duplicates"],
+        "background": background,
+    }
+
+
+def _background(saturation: np.ndarray) -> dict[str, Any]:
+    count = int((saturation < BACKGROUND_SATURATION).sum())
+    return {"images": len(saturation), "background": count, "share": _share(count, len(saturation))}
+
+
+def _share(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def source_tile(path: Path | None, shape: tuple[int, int, int]) -> np.ndarray | str:
+    """A source tif's pixels for the report, or why they cannot be shown."""
+    if path is None:
+        return "no file"
+    try:
+        data, _ = read_file(str(path))
+        return decoder_for(tuple(shape)).decode(data)
+    except FileNotFoundError:
+        return "file not found"
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    except Reject as reject:
+        return reject.reason
