@@ -1,5 +1,9 @@
 """Benchmark `pcam-prep build` against the stock approach, in one run, on the same files.
 
+Targets (issue #2): a wds-only build >= 10x the stock approach's images/s, all three formats
+>= 5x; peak memory must not grow with the number of images (`--memory-sizes` builds a small
+and a large set and compares the peaks).
+
 Stock approach: one process, `tifffile.imread` per file, `webdataset.ShardWriter` writing
 `.npy` + `.cls` (the same shard size). Floor: `cat` of every source file. Each contender
 runs as its own process (imports included), `--repeats` times in an interleaved order;
@@ -39,14 +43,28 @@ with wds.ShardWriter(os.path.join(out, "test-%06d.tar"), maxcount=shard, verbose
 
 
 def timed(cmd: list[str], **kw) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one child process."""
+    """Wall seconds and peak RSS (MiB) of a command *and all its worker processes*, summed.
+
+    The tree is sampled every 20 ms with psutil, so the peak of a multi-process build counts
+    every worker, not just the parent.
+    """
+    import psutil
+
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, **kw)
-    _, status, usage = os.wait4(proc.pid, 0)
+    parent = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            tree = [parent, *parent.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
     wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
+    if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, peak / 2**20
 
 
 def contenders(src: Path, work: Path, shard: int, workers: int | None) -> dict[str, callable]:
@@ -80,6 +98,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int)
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="write raw figures here")
+    parser.add_argument("--memory-sizes", default="", help="e.g. 5000,20000: peak RSS of a full build at each size")
     args = parser.parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="pcam-bench-"))
@@ -109,8 +128,29 @@ def main() -> None:
         table[name] = {"seconds": wall, "images_per_s": n_images / wall, "speedup": stock / wall, "rss_mib": rss,
                        "runs": values}
         print(f"| {name} | {wall:.2f} | {n_images / wall:,.0f} | {stock / wall:.1f}x | {rss:.0f} |")
+    memory = memory_scaling(work, [int(v) for v in args.memory_sizes.split(",") if v], args.shard_size)
     if args.json:
-        args.json.write_text(json.dumps({"images": n_images, "results": table}, indent=2))
+        args.json.write_text(json.dumps({"images": n_images, "results": table, "memory": memory}, indent=2))
+
+
+def memory_scaling(work: Path, sizes: list[int], shard: int) -> dict[int, float]:
+    """Peak RSS of a three-format build of `n` train images (plus n/4 test) for each n."""
+    peaks = {}
+    for n in sizes:
+        src = work / f"mem-{n}"
+        if not (src / "train_labels.csv").exists():
+            subprocess.run([sys.executable, "-m", "pcam_prep.cli", "synth", str(src), "--train", str(n), "--test",
+                            str(n // 4), "--seed", "11"], check=True, stdout=subprocess.DEVNULL)
+        out = work / f"mem-out-{n}"
+        shutil.rmtree(out, ignore_errors=True)
+        _, peaks[n] = timed([sys.executable, "-m", "pcam_prep.cli", "build", "--src", str(src), "--out", str(out),
+                             "--shard-size", str(shard)])
+        shutil.rmtree(out, ignore_errors=True)
+    if peaks:
+        print("\n| images (train + test) | peak RSS MiB, all three formats |\n|---:|---:|")
+        for n, peak in peaks.items():
+            print(f"| {n + n // 4:,} | {peak:.0f} |")
+    return peaks
 
 
 if __name__ == "__main__":
