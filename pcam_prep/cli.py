@@ -151,7 +151,7 @@ def build(config_file: Path | None, **flags: Any) -> None:
     from .pipeline import build as run_build
 
     config = build_config(load_toml(config_file, "build") if config_file else {}, flags)
-    bars = Bars()
+    bars = Bars("img")
     summary = run_build(config, progress=bars)
     bars.close()
     click.echo(format_build_summary(summary.manifest, summary.seconds, summary.out))

@@ -29,15 +29,16 @@ LOCAL_SCHEDULERS = ("threads", "processes", "sync")
 
 
 class _TaskCounter(Callback):
-    """Counts finished top-level tasks of one compute() for the progress hook."""
+    """Adds up the work units (e.g. images) of finished top-level tasks for the progress hook."""
 
-    def __init__(self, stage: str, keys: set, total: int, progress: ProgressFn) -> None:
+    def __init__(self, stage: str, units: dict, progress: ProgressFn) -> None:
         super().__init__()
-        self.stage, self.keys, self.total, self.progress, self.done = stage, keys, total, progress, 0
+        self.stage, self.units, self.progress, self.done = stage, units, progress, 0
+        self.total = sum(units.values())
 
     def _posttask(self, key, result, dsk, state, worker_id) -> None:
-        if key in self.keys:
-            self.done += 1
+        if key in self.units:
+            self.done += self.units[key]
             self.progress(self.stage, self.done, self.total)
 
 
@@ -114,36 +115,42 @@ class Executor(AbstractContextManager):
             return f"dask.distributed at {self.scheduler}"
         return f"dask {self.scheduler} scheduler, {self.workers} worker(s)"
 
-    def run(self, stage: str, tasks: Sequence[Any]) -> list[Any]:
-        """Compute `tasks` (dask.delayed objects) and return their results in order."""
+    def run(self, stage: str, tasks: Sequence[Any], units: Sequence[int] | None = None) -> list[Any]:
+        """Compute `tasks` (dask.delayed objects) and return their results in order.
+
+        `units` weighs each task for progress (e.g. its number of images); default 1 each.
+        """
         if not tasks:
             return []
         start = time.perf_counter()
         try:
-            return self._run(stage, tasks)
+            return self._run(stage, tasks, list(units) if units is not None else [1] * len(tasks))
         finally:
             self.timings[stage] = round(time.perf_counter() - start, 4)
 
-    def _run(self, stage: str, tasks: Sequence[Any]) -> list[Any]:
+    def _run(self, stage: str, tasks: Sequence[Any], units: list[int]) -> list[Any]:
         report = self.progress or (lambda *_: None)
-        report(stage, 0, len(tasks))
+        report(stage, 0, sum(units))
         if self.client is not None:
-            return self._run_distributed(stage, tasks, report)
-        keys = {t.key for t in tasks}
+            return self._run_distributed(stage, tasks, units, report)
+        weights = {t.key: u for t, u in zip(tasks, units)}
         kwargs: dict[str, Any] = {"scheduler": self.scheduler}
         if self.pool is not None:
             kwargs["pool"] = self.pool
         elif self.scheduler == "threads":
             kwargs["num_workers"] = self.workers
-        with _TaskCounter(stage, keys, len(tasks), report):
+        with _TaskCounter(stage, weights, report):
             return list(dask.compute(*tasks, **kwargs))
 
-    def _run_distributed(self, stage: str, tasks: Sequence[Any], report: ProgressFn) -> list[Any]:
+    def _run_distributed(self, stage: str, tasks: Sequence[Any], units: list[int], report: ProgressFn) -> list[Any]:
         from dask.distributed import as_completed
 
         futures = self.client.compute(list(tasks))
-        for done, _ in enumerate(as_completed(futures), start=1):
-            report(stage, done, len(tasks))
+        weight = {f.key: u for f, u in zip(futures, units)}
+        done = 0
+        for future in as_completed(futures):
+            done += weight[future.key]
+            report(stage, done, sum(units))
         return self.client.gather(futures)
 
 

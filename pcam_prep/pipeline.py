@@ -137,7 +137,7 @@ def inspect(executor: Executor, inventory: Inventory, shape: tuple[int, int, int
         delayed(inspect_batch, pure=False)(list(rows["path"]), shape, config.keep_blank, split == "train")
         for split, rows in batches
     ]
-    reports = executor.run("decode", tasks)
+    reports = executor.run("decode", tasks, [len(rows) for _, rows in batches])
     kept: dict[str, list[pd.DataFrame]] = {"train": [], "test": []}
     rejects = [inventory.rejects]
     for (split, rows), report in zip(batches, reports):
@@ -186,11 +186,11 @@ def write_outputs(executor, out, train, test, shape, config) -> list[PieceResult
     if "wds" in config.formats:
         (out / WDS_DIR).mkdir(exist_ok=True)
         plan = _wds_plan(out, train, test, config)
-        pieces += executor.run("shards", [_wds_task(piece, frames, shape) for piece in plan])
+        pieces += executor.run("shards", [_wds_task(piece, frames, shape) for piece in plan], [p.count for p in plan])
         rows = {split: ShardRows([(str(p.path), p.count, 0, p.count) for p in plan if p.split == split],
                                  split == "train") for split in frames}
         _remove_stale_shards(out, {p.path.name for p in plan})
-    tasks, zarr_tmp = [], None
+    tasks, units, zarr_tmp = [], [], None
     if "zarr" in config.formats:
         zarr_tmp = arrays.create_zarr(out / ZARR_NAME, {s: len(f) for s, f in frames.items()}, shape, config.chunk_rows)
         step = config.chunk_rows * max(1, 2048 // config.chunk_rows)
@@ -199,11 +199,13 @@ def write_outputs(executor, out, train, test, shape, config) -> list[PieceResult
             tasks += [delayed(write_zarr_piece, pure=False)(str(zarr_tmp), split, s, shape,
                                                             _slice(rows[split], s, s + step), config.chunk_rows)
                       for s in range(0, len(frame), step)]
+            units += [min(step, len(frame) - s) for s in range(0, len(frame), step)]
     if "hdf5" in config.formats:
         splits = {split: (_columns(frame, labelled=split == "train"), rows[split]) for split, frame in frames.items()}
         tasks.insert(0, delayed(write_hdf5_piece, pure=False)(  # longest task first
             str(out / HDF5_NAME), shape, config.chunk_rows, splits, config.hdf5_codec))
-    pieces += executor.run("arrays", tasks)
+        units.insert(0, len(train) + len(test))
+    pieces += executor.run("arrays", tasks, units)
     if zarr_tmp is not None:
         arrays.finish_store(zarr_tmp, out / ZARR_NAME)
     return pieces
