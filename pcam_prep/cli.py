@@ -210,5 +210,10 @@ def _counts(counts: dict[str, int]) -> str:
     return "(" + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ")" if counts else ""
 
 
+# Commands that live in their own modules (they import Bars/friendly_errors from here).
+from .cli_stats import stats  # noqa: E402
+
+main.add_command(stats)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

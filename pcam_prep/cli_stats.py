@@ -44,7 +44,7 @@ def stats(target: Path, as_json: bool, report: Path | None, run: Path | None, wo
     if run is not None and report is None:
         raise click.UsageError("--run RUN only adds figures to a report: pass --report DIR too")
     options = EdaOptions(workers, scheduler, sample_per_label if report else 0, seed)
-    bars = Bars()
+    bars = Bars("img")
     eda = collect(target, options, progress=bars)
     bars.close()
     click.echo(json.dumps(eda.summary, indent=2) if as_json else format_stats(eda.summary))
@@ -56,36 +56,51 @@ def stats(target: Path, as_json: bool, report: Path | None, run: Path | None, wo
 
 
 def format_stats(summary: dict[str, Any]) -> str:
-    """The stats object as an aligned plain-text table."""
+    """The stats object as aligned plain-text tables."""
+    head = (f"{summary['target']}  ({summary['kind']}, read from {summary['source']})\n"
+            f"image shape  {' x '.join(map(str, summary['image_shape']))}")
+    return "\n\n".join([head, _splits(summary), _folds(summary), _channels(summary), _problems(summary)])
+
+
+def _row(name: str, count: Any = "", negatives: Any = "", positives: Any = "", share: Any = "", bg: Any = "") -> str:
+    cells = [f"{v:,}" if isinstance(v, int) else v for v in (count, negatives, positives)]
+    return f"{name:<10}{cells[0]:>10}{cells[1]:>10}{cells[2]:>10}{share:>11}{bg:>14}".rstrip()
+
+
+def _splits(summary: dict[str, Any]) -> str:
     train, test = summary["splits"]["train"], summary["splits"]["test"]
     background = summary["background"]
-    by_label = background["train"]["by_label"]
-    lines = [
-        f"{summary['target']}  ({summary['kind']}, read from {summary['source']})",
-        f"image shape  {' x '.join(map(str, summary['image_shape']))}",
-        "",
-        f"{'split':<10}{'images':>10}{'label 0':>10}{'label 1':>10}{'label 1 %':>11}{'background %':>14}",
-        f"{'train':<10}{train['count']:>10,}{train['negatives']:>10,}{train['positives']:>10,}"
-        f"{_pct(train['positive_share']):>11}{_pct(background['train']['share']):>14}",
-        f"{'  label 0':<51}{_pct(by_label['0']['share']):>14}",
-        f"{'  label 1':<51}{_pct(by_label['1']['share']):>14}",
-        f"{'test':<10}{test['count']:>10,}{'-':>10}{'-':>10}{'-':>11}{_pct(background['test']['share']):>14}",
-        "",
-        f"{'fold':<10}{'images':>10}{'label 0':>10}{'label 1':>10}{'label 1 %':>11}",
-    ]
-    for fold in summary["folds"]["counts"]:
-        lines.append(f"{fold['fold']:<10}{fold['count']:>10,}{fold['negatives']:>10,}{fold['positives']:>10,}"
-                     f"{_pct(fold['positive_share']):>11}")
-    lines += ["", f"{'channel':<10}{'mean':>10}{'std':>10}   (0-1 scale, {summary['stats']['images']:,} train images)"]
-    lines += [f"{c:<10}{m:>10.4f}{s:>10.4f}" for c, m, s in zip("RGB", summary["stats"]["mean"], summary["stats"]["std"])]
-    lines += [
-        "",
-        f"rejects     {summary['rejects']['count']:>8,}  {_counts(summary['rejects']['by_reason'])}",
-        f"duplicates  {summary['duplicates']['count']:>8,}  {_counts(summary['duplicates']['by_kind'])}",
-        f"leaked test {summary['duplicates']['leaked_test_images']:>8,}  (test images whose pixels are also in train)",
-        f"background: {background['rule']}",
-    ]
+    return "\n".join([
+        _row("split", "images", "label 0", "label 1", "label 1 %", "background %"),
+        _row("train", train["count"], train["negatives"], train["positives"], _pct(train["positive_share"]),
+             _pct(background["train"]["share"])),
+        *(_row(f"  label {k}", bg=_pct(part["share"])) for k, part in background["train"]["by_label"].items()),
+        _row("test", test["count"], "-", "-", "-", _pct(background["test"]["share"])),
+    ])
+
+
+def _folds(summary: dict[str, Any]) -> str:
+    lines = [_row("fold", "images", "label 0", "label 1", "label 1 %")]
+    lines += [_row(str(f["fold"]), f["count"], f["negatives"], f["positives"], _pct(f["positive_share"]))
+              for f in summary["folds"]["counts"]]
     return "\n".join(lines)
+
+
+def _channels(summary: dict[str, Any]) -> str:
+    stats = summary["stats"]
+    lines = [f"{'channel':<10}{'mean':>10}{'std':>10}   (0-1 scale, {stats['images']:,} train images)"]
+    lines += [f"{c:<10}{m:>10.4f}{s:>10.4f}" for c, m, s in zip("RGB", stats["mean"], stats["std"])]
+    return "\n".join(lines)
+
+
+def _problems(summary: dict[str, Any]) -> str:
+    rejects, duplicates = summary["rejects"], summary["duplicates"]
+    return "\n".join([
+        f"rejects     {rejects['count']:>8,}  {_counts(rejects['by_reason'])}",
+        f"duplicates  {duplicates['count']:>8,}  {_counts(duplicates['by_kind'])}",
+        f"leaked test {duplicates['leaked_test_images']:>8,}  (test images whose pixels are also in train)",
+        f"background: {summary['background']['rule']}",
+    ])
 
 
 def _pct(share: float | None) -> str:

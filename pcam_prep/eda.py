@@ -25,13 +25,21 @@ from dask import delayed
 
 from . import PcamPrepError
 from .config import BuildConfig
-from .decode import Reject, read_file
 from .executor import Executor, ProgressFn
 from .pipeline import analyse, describe
-from .schema import (DUPLICATES_NAME, HDF5_NAME, IMAGE_MEMBER, LABEL_MEMBER, MANIFEST_NAME, REJECTS_NAME, TAR_BLOCK,
-                     ZARR_NAME, SampleLayout)
+from .schema import (
+    DUPLICATES_NAME,
+    HDF5_NAME,
+    IMAGE_MEMBER,
+    LABEL_MEMBER,
+    MANIFEST_NAME,
+    REJECTS_NAME,
+    TAR_BLOCK,
+    ZARR_NAME,
+    SampleLayout,
+)
 from .sources.kaggle import KaggleLayout, resolve_layout
-from .validate import decoder_for, load_images
+from .validate import load_images
 from .writers.manifest import read_manifest, safe_relpath
 
 logger = logging.getLogger(__name__)
@@ -80,7 +88,7 @@ class Tally:
 @dataclass(frozen=True)
 class Eda:
     summary: dict[str, Any]  # what `stats --json` prints
-    hist: np.ndarray  # (2, 3, 256) train pixel counts by label, channel, value
+    hist: np.ndarray  # (3, 3, 256) pixel counts by group (train label 0, label 1, test), channel, value
     saturation: dict[str, np.ndarray]  # split -> per-image mean saturation, in output row order
     labels: np.ndarray  # train labels, same order
     samples: dict[int, np.ndarray]  # label -> (n, H, W, 3) train patches for the grid
@@ -108,12 +116,14 @@ def collect(target: Path, options: EdaOptions = EdaOptions(), progress: Progress
     workers = options.workers or os.cpu_count() or 1
     with Executor(options.scheduler, workers, progress) as executor:
         found = find_built(target) if built else find_raw(target, executor, options)
-        tallies = executor.run("pixels", [delayed(tally_block, pure=False)(b) for b in found.blocks])
+        tasks = [delayed(tally_block, pure=False)(b) for b in found.blocks]
+        tallies = executor.run("pixels", tasks, [len(b) for b in found.blocks])
     train = [t for b, t in zip(found.blocks, tallies) if b.split == "train"]
     test = [t for b, t in zip(found.blocks, tallies) if b.split == "test"]
     labels = np.concatenate([t.labels for t in train]) if train else np.zeros(0, np.uint8)
     saturation = {"train": _concat([t.saturation for t in train]), "test": _concat([t.saturation for t in test])}
-    hist = sum((t.hist for t in train), np.zeros((2, 3, 256), np.int64))
+    hist = np.concatenate([sum((t.hist for t in part), np.zeros((n, 3, 256), np.int64))
+                           for part, n in ((train, 2), (test, 1))])
     rows = choose_rows(labels, options.samples_per_label, options.seed)
     train_blocks = [b for b in found.blocks if b.split == "train"]
     samples = {label: read_rows(train_blocks, picked) for label, picked in rows.items()}
@@ -338,18 +348,3 @@ def _background(saturation: np.ndarray) -> dict[str, Any]:
 
 def _share(part: int, whole: int) -> float | None:
     return part / whole if whole else None
-
-
-def source_tile(path: Path | None, shape: tuple[int, int, int]) -> np.ndarray | str:
-    """A source tif's pixels for the report, or why they cannot be shown."""
-    if path is None:
-        return "no file"
-    try:
-        data, _ = read_file(str(path))
-        return decoder_for(tuple(shape)).decode(data)
-    except FileNotFoundError:
-        return "file not found"
-    except OSError as exc:
-        return f"unreadable: {exc.strerror or exc}"
-    except Reject as reject:
-        return reject.reason

@@ -17,8 +17,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .eda import Eda, source_tile
+from .decode import Reject, read_file
+from .eda import Eda
 from .sources.kaggle import KaggleLayout
+from .validate import decoder_for
 
 logger = logging.getLogger(__name__)
 
@@ -40,40 +42,53 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+CAPTIONS = {
+    "samples": "Random train patches per label; the box is the 32x32 centre window that decides the label.",
+    "label_balance": "Train label balance overall and per fold; folds are stratified, so their shares should match.",
+    "intensity_histograms": "Per-channel pixel intensity distributions: train label 0 vs label 1, and test (dashed).",
+    "background_saturation": "Mean HSV saturation per patch; patches left of the dashed line count as background.",
+    "duplicates": "Duplicates: the kept file beside each dropped copy, a few of each kind.",
+    "rejects": "Rejected files, a couple per reason; files that cannot be decoded show the reason instead.",
+    "run_curves": "Training curves: loss, validation AUC and accuracy per epoch.",
+    "run_roc": "Validation ROC curve.",
+    "run_confusion": "Validation confusion matrix.",
+}
+
+
 def write_report(eda: Eda, out: Path, run: Path | None = None) -> Path:
     """Write figures and `index.html` into `out`; return the html path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for name in CAPTIONS:  # a figure left from an earlier report would not be linked: remove it
+        (out / f"{name}.png").unlink(missing_ok=True)
+    figures = [plot_samples(eda.samples, out / "samples.png")] if eda.samples else []
+    figures += [plot_balance(eda.summary, out / "label_balance.png"),
+                plot_histograms(eda.hist, out / "intensity_histograms.png"),
+                plot_saturation(eda, out / "background_saturation.png")]
+    galleries, notes = gallery_figures(eda, out)
+    figures += galleries
+    if run is not None:
+        run_figures, run_notes = add_run(Path(run), out)
+        figures += run_figures
+        notes += [f"Run figures from {run}."] + run_notes
+    index = out / "index.html"
+    index.write_text(render_html(eda.summary, [(p.name, CAPTIONS[p.stem]) for p in figures], notes))
+    logger.info("wrote %d figures and %s", len(figures), index)
+    return index
+
+
+def gallery_figures(eda: Eda, out: Path) -> tuple[list[Path], list[str]]:
+    """Duplicates and rejects from the source tifs, when there are any and the sources are still there."""
+    figures, notes = [], []
     shape = tuple(eda.summary["image_shape"])
-    figures: list[tuple[str, str]] = []  # (file name, caption)
-    notes: list[str] = []
-    if eda.samples:
-        figures.append((plot_samples(eda.samples, out / "samples.png").name,
-                        "Random train patches per label; the box is the 32x32 centre window that decides the label."))
-    figures.append((plot_balance(eda.summary, out / "label_balance.png").name,
-                    "Train label balance overall and per fold; folds are stratified, so their shares should match."))
-    figures.append((plot_histograms(eda.hist, out / "intensity_histograms.png").name,
-                    "Per-channel pixel intensity distributions of the train patches, label 0 vs label 1."))
-    figures.append((plot_saturation(eda, out / "background_saturation.png").name,
-                    f"Mean HSV saturation per patch; patches left of the line count as background "
-                    f"({eda.summary['background']['rule']})."))
-    for name, caption, frame in (("duplicates", "Duplicate groups: the kept file beside each dropped copy.",
-                                  eda.duplicates), ("rejects", "Rejected files and why.", eda.rejects)):
+    for name, frame, plot in (("duplicates", eda.duplicates, plot_duplicates), ("rejects", eda.rejects, plot_rejects)):
         if frame.empty:
             notes.append(f"No {name}.")
         elif eda.sources is None:
             notes.append(f"{len(frame)} {name} not shown: {eda.note}.")
         else:
-            plot = plot_duplicates if name == "duplicates" else plot_rejects
-            figures.append((plot(frame, eda.sources, shape, out / f"{name}.png").name, caption))
-    if run is not None:
-        run_figures, run_notes = add_run(Path(run), out)
-        figures += run_figures
-        notes += run_notes
-    index = out / "index.html"
-    index.write_text(render_html(eda.summary, figures, notes))
-    logger.info("wrote %d figures and %s", len(figures), index)
-    return index
+            figures.append(plot(frame, eda.sources, shape, out / f"{name}.png"))
+    return figures, notes
 
 
 def plot_samples(samples: dict[int, np.ndarray], path: Path) -> Path:
@@ -123,16 +138,20 @@ def _pct(part: int, whole: int) -> str:
 
 
 def plot_histograms(hist: np.ndarray, path: Path) -> Path:
-    """One panel per channel: share of pixels at each value, label 0 and label 1 overlaid."""
+    """One panel per channel: share of pixels at each value, train label 0 and 1 and test overlaid."""
     fig = _figure(11, 3.3)
     values = np.arange(hist.shape[-1])
     for c, (ax, name) in enumerate(zip(fig.subplots(1, 3, sharey=True), ("red", "green", "blue"))):
-        for label in (0, 1):
-            counts = hist[label, c]
-            if counts.sum():
-                share = counts / counts.sum()
-                ax.fill_between(values, share, step="mid", alpha=0.25, color=COLOURS[label])
-                ax.step(values, share, where="mid", lw=1, color=COLOURS[label], label=f"label {label}")
+        for group, key in enumerate((0, 1, "test")):
+            counts = hist[group, c]
+            if not counts.sum():
+                continue
+            share = counts / counts.sum()
+            if key == "test":  # unlabelled: a dashed outline, to spot a train/test shift
+                ax.step(values, share, where="mid", lw=1, ls="--", color=COLOURS[key], label="test")
+            else:
+                ax.fill_between(values, share, step="mid", alpha=0.25, color=COLOURS[key])
+                ax.step(values, share, where="mid", lw=1, color=COLOURS[key], label=f"train label {key}")
         ax.set(title=f"{name} channel", xlabel="pixel value (0-255)", xlim=(0, 255))
         ax.label_outer()
     fig.axes[0].set_ylabel("share of pixels")
@@ -172,6 +191,21 @@ def _source_path(layout: KaggleLayout, split: str, sample_id: str) -> Path | Non
     return next((p for p in candidates if p.is_file()), candidates[0])
 
 
+def source_tile(path: Path | None, shape: tuple[int, int, int]) -> np.ndarray | str:
+    """A source tif's pixels for the report, or why they cannot be shown."""
+    if path is None:
+        return "no file"
+    try:
+        data, _ = read_file(str(path))
+        return decoder_for(tuple(shape)).decode(data)
+    except FileNotFoundError:
+        return "file not found"
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    except Reject as reject:
+        return reject.reason
+
+
 def _frame(ax) -> None:
     """No ticks, a thin grey frame: white or black patches stay visible as tiles."""
     ax.set_axis_on()
@@ -187,21 +221,28 @@ def _tile(ax, tile: np.ndarray | str, title: str, text: str = "") -> None:
     ax.set_title(title, fontsize=7)
     if isinstance(tile, str):
         ax.imshow(np.full((8, 8, 3), 0.88))
-        ax.text(3.5, 3.5, "\n".join(textwrap.fill(line, 16) for line in (text or tile).splitlines()), ha="center", va="center", fontsize=7, color="0.3")
+        wrapped = "\n".join(textwrap.fill(line, 16) for line in (text or tile).splitlines())
+        ax.text(3.5, 3.5, wrapped, ha="center", va="center", fontsize=7, color="0.3")
     else:
         ax.imshow(tile, interpolation="nearest")
+
+
+def _tile_grid(n: int, per_row: int, title: str):
+    """A figure of `n` small square tiles, `per_row` to a row; axes stay off until a tile is drawn."""
+    per_row = min(n, per_row)
+    rows = -(-n // per_row)
+    fig = _figure(max(per_row * 1.35, 3.4), rows * 1.62 + 0.3)  # wide enough for the title
+    fig.suptitle(title, fontsize=10)
+    axes = fig.subplots(rows, per_row, squeeze=False).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    return fig, axes
 
 
 def plot_duplicates(duplicates: pd.DataFrame, layout: KaggleLayout, shape, path: Path, limit: int = 8) -> Path:
     """Pairs of kept | dropped, a few of each kind."""
     shown = duplicates.groupby("kind", sort=True).head(max(1, limit // 3)).head(limit)
-    per_row = min(len(shown), 4)
-    rows = -(-len(shown) // per_row)
-    fig = _figure(per_row * 2.7, rows * 1.62 + 0.3)
-    fig.suptitle(f"duplicates: {len(shown)} of {len(duplicates)} shown", fontsize=10)
-    axes = np.atleast_2d(fig.subplots(rows, per_row * 2, squeeze=False)).reshape(rows, per_row, 2)
-    for ax in axes.ravel():
-        ax.set_axis_off()
+    fig, axes = _tile_grid(2 * len(shown), 8, f"duplicates: {len(shown)} of {len(duplicates)} shown")
     for pair, row in zip(axes.reshape(-1, 2), shown.itertuples()):
         kept_split = "test" if row.kind == "train-test" else "train"
         kept = source_tile(_source_path(layout, kept_split, row.kept), shape) if row.kept else "none kept"
@@ -214,23 +255,15 @@ def plot_duplicates(duplicates: pd.DataFrame, layout: KaggleLayout, shape, path:
 def plot_rejects(rejects: pd.DataFrame, layout: KaggleLayout, shape, path: Path, limit: int = 12) -> Path:
     """Rejected files, a couple per reason; undecodable ones as a placeholder naming the reason."""
     shown = rejects.groupby("reason", sort=True).head(2).head(limit)
-    per_row = min(len(shown), 6)
-    rows = -(-len(shown) // per_row)
-    fig = _figure(per_row * 1.35, rows * 1.62 + 0.3)
-    fig.suptitle(f"rejected files: {len(shown)} of {len(rejects)} shown", fontsize=10)
-    axes = fig.subplots(rows, per_row, squeeze=False).ravel()
-    for ax in axes:
-        ax.set_axis_off()
+    fig, axes = _tile_grid(len(shown), 6, f"rejected files: {len(shown)} of {len(rejects)} shown")
     for ax, row in zip(axes, shown.itertuples()):
         tile = source_tile(layout.root / row.path, shape) if row.path else "no file"
-        _tile(ax, tile, f"{row.reason}\n{row.id[:12]}", text=f"{tile}:\n{row.detail}" if row.detail else "")
+        _tile(ax, tile, f"{row.reason}\n{row.id[:12]}", text=f"{tile}:\n{row.detail[:60]}" if row.detail else "")
     return _save(fig, path)
 
 
-def add_run(run: Path, out: Path) -> tuple[list[tuple[str, str]], list[str]]:
+def add_run(run: Path, out: Path) -> tuple[list[Path], list[str]]:
     """Copy the trainer's figures into `out`, re-plotting any that are missing from its data."""
-    captions = {"curves": "Training curves: loss, validation AUC and accuracy per epoch.",
-                "roc": "Validation ROC curve.", "confusion": "Validation confusion matrix."}
     figures, notes = [], []
     for name in RUN_FIGURES:
         target = out / f"run_{name}.png"
@@ -242,9 +275,9 @@ def add_run(run: Path, out: Path) -> tuple[list[tuple[str, str]], list[str]]:
             predictions = pd.read_csv(run / "val_predictions.csv")
             (plot_roc if name == "roc" else plot_confusion)(predictions, target)
         else:
-            notes.append(f"Run figure '{name}' skipped: {run} has no {name}.png and nothing to re-plot it from.")
+            notes.append(f"Run {name} figure skipped: {run} has no {name}.png and nothing to re-plot it from.")
             continue
-        figures.append((target.name, captions[name] + f" (run: {run.name})"))
+        figures.append(target)
     return figures, notes
 
 
@@ -257,7 +290,8 @@ def plot_curves(metrics: dict[str, Any], path: Path) -> Path:
         for key in keys:
             ax.plot(x, [e.get(key, np.nan) for e in epochs], marker="o", ms=3, label=key)
         if metrics.get("best_epoch") is not None:
-            ax.axvline(metrics["best_epoch"], color="gray", ls="--", lw=1, label=f"best epoch ({metrics['best_epoch']})")
+            best = metrics["best_epoch"]
+            ax.axvline(best, color="gray", ls="--", lw=1, label=f"best epoch ({best})")
         ax.set(title=ylabel, xlabel="epoch", ylabel=ylabel)
         ax.legend(fontsize=8)
     return _save(fig, path)
@@ -287,7 +321,8 @@ def plot_confusion(predictions: pd.DataFrame, path: Path, threshold: float = 0.5
     ax.imshow(matrix, cmap="Blues")
     for (t, p), count in np.ndenumerate(matrix):
         ax.text(p, t, f"{count:,}", ha="center", va="center", color="white" if count > matrix.max() / 2 else "black")
-    ax.set(title=f"validation, threshold {threshold}", xlabel="predicted label", ylabel="true label", xticks=[0, 1], yticks=[0, 1])
+    ax.set(title=f"validation, threshold {threshold}", xlabel="predicted label", ylabel="true label",
+           xticks=[0, 1], yticks=[0, 1])
     return _save(fig, path)
 
 
