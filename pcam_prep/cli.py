@@ -6,50 +6,14 @@ see one clear line instead of a traceback.
 
 from __future__ import annotations
 
-import functools
 import logging
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from . import PcamPrepError, __version__
-
-
-def friendly_errors(func: Callable) -> Callable:
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except PcamPrepError as exc:
-            raise click.ClickException(str(exc)) from None
-
-    return wrapper
-
-
-class Bars:
-    """tqdm bars keyed by stage; silent when stderr is not a terminal."""
-
-    def __init__(self, unit: str = "task") -> None:
-        self.unit = unit
-        self.bars: dict[str, Any] = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        from tqdm.auto import tqdm
-
-        bar = self.bars.get(stage)
-        if bar is None:
-            bar = self.bars[stage] = tqdm(total=total, desc=f"{stage:>8}", unit=self.unit, disable=None,
-                                          file=sys.stderr, leave=True, dynamic_ncols=True)
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
+from . import __version__
+from .cli_common import Bars, friendly_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .cli import Bars, friendly_errors
+from .cli_common import Bars, friendly_errors
 
 
 @click.command()
