@@ -54,10 +54,11 @@ def keep_freed_memory() -> None:
     except OSError:  # not glibc: nothing to tune
         return
     libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
-    libc.mallopt(_M_TRIM_THRESHOLD, 512 * 1024 * 1024)
+    libc.mallopt(_M_ARENA_MAX, 2)  # zarr's codec threads would each grow an arena of their own
+    libc.mallopt(_M_TRIM_THRESHOLD, 64 * 1024 * 1024)  # keep up to 64 MB of freed heap for reuse, no more
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 
 
 def init_worker(preload: tuple[str, ...] = ()) -> None:

@@ -65,15 +65,8 @@ def _sizes(headers: np.ndarray) -> np.ndarray:
     return np.array([int(bytes(row).rstrip(b"\0 ") or b"0", 8) for row in np.unique(field, axis=0)])
 
 
-def shard_images(path: Path, layout: SampleLayout, count: int) -> np.ndarray:
-    """The pixels of a shard as a strided (count, H, W, 3) view, without checking headers.
-
-    For shards this process just wrote; anything read from elsewhere goes through ShardReader.
-    """
-    return _pixels(_open_map(path), layout, count)
-
-
-def _pixels(data: np.ndarray, layout: SampleLayout, count: int) -> np.ndarray:
+def pixels_view(data: np.ndarray, layout: SampleLayout, count: int) -> np.ndarray:
+    """The pixels of `count` consecutive samples in `data` as a strided (count, H, W, 3) view."""
     h, w, c = layout.shape
     return np.lib.stride_tricks.as_strided(
         data[layout.pixel_offset :], shape=(count, h, w, c), strides=(layout.stride, w * c, c, 1), writeable=False
@@ -131,7 +124,7 @@ class ShardReader:
 
     @property
     def images(self) -> np.ndarray:
-        return _pixels(self.data, self.layout, self.count)
+        return pixels_view(self.data, self.layout, self.count)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .loader import shard_images
+from .loader import pixels_view
 from .schema import SampleLayout
 from .validate import load_images
 from .writers import arrays, sha256_file, wds
@@ -49,18 +49,25 @@ class ShardRows:
         return sum(stop - first for _, _, first, stop in self.spans)
 
     def blocks(self, shape: tuple[int, int, int], rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        # pread into one buffer rather than mmap: mapped shard pages would count towards this
+        # worker's RSS and grow with the dataset; this stays at one block.
         layout = SampleLayout(tuple(shape), self.labelled)
         out = np.empty((rows, *shape), np.uint8)
+        raw = np.empty(rows * layout.stride, np.uint8)
         filled = start = 0
-        for path, count, first, stop in self.spans:
-            images = shard_images(Path(path), layout, count)
-            while first < stop:
-                take = min(stop - first, rows - filled)
-                out[filled : filled + take] = images[first : first + take]
-                filled, first = filled + take, first + take
-                if filled == rows:
-                    yield start, out
-                    start, filled = start + rows, 0
+        for path, _, first, stop in self.spans:
+            with open(path, "rb", buffering=0) as fh:
+                while first < stop:
+                    take = min(stop - first, rows - filled)
+                    chunk = raw[: take * layout.stride]
+                    fh.seek(first * layout.stride)
+                    if fh.readinto(chunk) != chunk.size:
+                        raise OSError(f"{path}: shard shorter than its {stop} samples")
+                    out[filled : filled + take] = pixels_view(chunk, layout, take)
+                    filled, first = filled + take, first + take
+                    if filled == rows:
+                        yield start, out
+                        start, filled = start + rows, 0
         if filled:
             yield start, out[:filled]
 
