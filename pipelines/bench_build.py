@@ -79,8 +79,12 @@ def contenders(src: Path, work: Path, shard: int, workers: int | None) -> dict[s
         return lambda: timed([sys.executable, "-m", "pcam_prep.cli", "build", "--src", str(src), "--out",
                               str(fresh(f"ours-{formats}")), "--formats", formats, "--shard-size", str(shard), *extra])
 
+    n_files = sum(1 for _ in src.rglob("*.tif"))
+    shard_bytes = n_files * 29_696  # what the wds shards hold: one fixed-size record per image
     return {
         "cat (floor)": lambda: timed(["sh", "-c", f"find {src} -name '*.tif' -print0 | xargs -0 cat > /dev/null"]),
+        "dd the wds bytes (floor)": lambda: timed(["sh", "-c", f"dd if=/dev/zero of={fresh('dd')}/x bs=4M "
+                                                   f"count={shard_bytes // 2**22 + 1} 2>/dev/null"]),
         "stock: tifffile + ShardWriter": lambda: timed([sys.executable, "-c", STOCK, str(src), str(fresh("stock")),
                                                         str(shard)]),
         "pcam-prep build --formats wds": build("wds"),
