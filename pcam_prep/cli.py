@@ -40,20 +40,34 @@ def main(verbose: int) -> None:
               help="Number of train patches.")
 @click.option("--test", "n_test", type=click.IntRange(min=0), default=250, show_default=True,
               help="Number of test patches.")
+@click.option("--valid", "n_valid", type=click.IntRange(min=0),
+              help="Number of valid patches (--layout pcam-h5 only)  [default: as --test]")
+@click.option("--layout", type=click.Choice(["kaggle", "pcam-h5"]), default="kaggle", show_default=True,
+              help="kaggle: train/ and test/ .tif folders; pcam-h5: PatchCamelyon's camelyonpatch_*.h5 files.")
 @click.option("--size", type=click.IntRange(min=32), default=96, show_default=True, help="Patch height and width.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed; same seed, same bytes.")
 @friendly_errors
-def synth(out: Path, n_train: int, n_test: int, size: int, seed: int) -> None:
-    """Write a synthetic dataset in the exact Kaggle layout and file format.
+def synth(out: Path, n_train: int, n_test: int, n_valid: int | None, layout: str, size: int, seed: int) -> None:
+    """Write a synthetic dataset in the exact Kaggle (or PCam HDF5) layout and file format.
 
     OUT gets train/<id>.tif, test/<id>.tif, train_labels.csv and sample_submission.csv.
     Patches are H&E-like; labels follow the PCam rule (tumour in the centre 32x32 window),
     and ids are the sha1 of the pixels, as in the real data.
 
+    With --layout pcam-h5, OUT gets camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5
+    and _meta.csv (a wsi column: a handful of fake slides), with a few deliberate duplicates
+    (two within train, one train patch copied into valid) for the build to report.
+
     \b
     Example:
       pcam-prep synth data/demo --train 2000 --test 500 --seed 1
+      pcam-prep synth data/pcam --layout pcam-h5 --train 2000 --valid 500 --test 500
     """
+    if layout == "pcam-h5":
+        _synth_pcam(out, n_train, n_test if n_valid is None else n_valid, n_test, size, seed)
+        return
+    if n_valid is not None:
+        raise click.UsageError("--valid is for --layout pcam-h5: the Kaggle layout has no valid split")
     from .synth import write_kaggle
 
     bars = Bars("file")
@@ -70,6 +84,24 @@ def synth(out: Path, n_train: int, n_test: int, size: int, seed: int) -> None:
     click.echo(f"wrote {summary.n_train} train ({summary.positives} positive) and {summary.n_test} test patches to {out}")
 
 
+def _synth_pcam(out: Path, n_train: int, n_valid: int, n_test: int, size: int, seed: int) -> None:
+    from .synth_pcam import write_pcam_h5
+
+    bars = Bars("img")
+    total, done = n_train + n_valid + n_test, 0
+
+    def progress(k: int) -> None:
+        nonlocal done
+        done += k
+        bars("synth", done, total)
+
+    summary = write_pcam_h5(out, n_train, n_valid, n_test, size=size, seed=seed, progress=progress)
+    bars.close()
+    parts = ", ".join(f"{n} {split}" for split, n in summary.counts.items())
+    click.echo(f"wrote {parts} patches as PCam HDF5 files to {out} "
+               f"({summary.duplicates} deliberate duplicate(s) for dedup to find)")
+
+
 def _split_formats(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
     if value is None:
         return None
@@ -78,20 +110,26 @@ def _split_formats(ctx: click.Context, param: click.Parameter, value: str | None
 
 @main.command()
 @click.option("--src", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Competition root (train/, test/, train_labels.csv) or its train/ folder.")
+              help="Kaggle competition root (train/, test/, train_labels.csv) or its train/ folder; "
+                   "or a folder of PCam camelyonpatch_level_2_split_*_{x,y}.h5 files.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option("--layout", type=click.Choice(["auto", "kaggle", "pcam-h5"]),
+              help="How to read --src  [default: auto: pcam-h5 if it holds camelyonpatch_* files, else kaggle]")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="id,label CSV  [default: train_labels.csv beside train/]")
+              help="Kaggle: id,label CSV  [default: train_labels.csv beside train/]")
 @click.option("--test", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Test folder  [default: test/ beside train/, if present]")
+              help="Kaggle: test folder  [default: test/ beside train/, if present]")
 @click.option("--no-test", is_flag=True, default=None, help="Ignore the test split.")
 @click.option("--formats", callback=_split_formats, help="Comma-separated: wds,zarr,hdf5  [default: all]")
 @click.option("--folds", type=int, help="Number of stratified folds  [default: 5]")
 @click.option("--groups", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="id,group CSV (e.g. slide ids): stratified *group* k-fold.")
+              help="id,group CSV (e.g. slide ids): stratified *group* k-fold  [PCam default: the meta CSV's wsi]")
 @click.option("--seed", type=int, help="Fold-assignment seed  [default: 0]")
 @click.option("--shard-size", type=int, help="Samples per WebDataset shard  [default: 5000]")
 @click.option("--chunk-rows", type=int, help="Images per Zarr/HDF5 chunk  [default: 256]")
+@click.option("--torchvision-names", is_flag=True, default=None,
+              help="Also write OUT/pcam/camelyonpatch_level_2_split_{train,val,test}_{x,y}.h5 for "
+                   "torchvision.datasets.PCAM (labelled splits only).")
 @click.option("--keep-blank", is_flag=True, default=None, help="Keep all-black/all-white patches.")
 @click.option("--strict", is_flag=True, default=None, help="Exit with status 3 if anything was rejected.")
 @click.option("--workers", type=int, help="Local worker threads  [default: one per core]")
@@ -103,12 +141,19 @@ def _split_formats(ctx: click.Context, param: click.Parameter, value: str | None
 def build(config_file: Path | None, **flags: Any) -> None:
     """Decode, validate, de-duplicate and fold-assign patches, then write the datasets.
 
-    Writes to OUT: wds/*.tar (WebDataset shards, train by fold, test apart), pcam.zarr,
+    Two source layouts (--layout, detected by default): the Kaggle competition folders
+    (train/*.tif, test/*.tif, train_labels.csv; splits train and an unlabelled test), or the
+    official PatchCamelyon files camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5 with
+    optional _meta.csv (splits train, valid, test, all labelled; folds grouped by wsi; ids are
+    the sha1 of the pixels, equal to the Kaggle ids of the same patches).
+
+    Writes to OUT: wds/*.tar (WebDataset shards, train by fold, other splits apart), pcam.zarr,
     pcam.h5, rejects.csv, duplicates.csv and manifest.json (written last).
 
     \b
     Example:
       pcam-prep build --src data/sample/train --out shards/
+      pcam-prep build --src pcam/ --out shards/ --torchvision-names
       pcam-prep build --config pipelines/kaggle.toml --formats wds --workers 8
     """
     from .config import build_config, load_toml
@@ -154,13 +199,15 @@ def verify(out: Path, sample: int | None, seed: int) -> None:
 
 
 def format_build_summary(manifest: dict[str, Any], seconds: dict[str, float], out: Path) -> str:
-    train, test = manifest["splits"]["train"], manifest["splits"]["test"]
+    splits = manifest["splits"]
     total = seconds.get("total", 0.0)
-    rate = (train["count"] + test["count"]) / total if total else 0.0
-    lines = [
-        f"built {out} in {total:.1f}s ({rate:,.0f} images/s)",
-        f"  train  {train['count']:>8,}  ({train['positives']:,} positive, {manifest['folds']['k']} folds)",
-        f"  test   {test['count']:>8,}",
+    rate = sum(s["count"] for s in splits.values()) / total if total else 0.0
+    lines = [f"built {out} in {total:.1f}s ({rate:,.0f} images/s)"]
+    for name, split in splits.items():
+        folds = f", {manifest['folds']['k']} folds" if name == "train" else ""
+        labelled = f"  ({split['positives']:,} positive{folds})" if "positives" in split else ""
+        lines.append(f"  {name:<7}{split['count']:>8,}{labelled}")
+    lines += [
         f"  rejected {manifest['rejects']['count']:,}  {_counts(manifest['rejects']['by_reason'])}",
         f"  duplicates dropped {manifest['duplicates']['count']:,}  {_counts(manifest['duplicates']['by_kind'])}",
         "  mean " + " ".join(f"{v:.4f}" for v in manifest["stats"]["mean"])

@@ -23,8 +23,9 @@ EXECUTION_FIELDS = ("workers", "scheduler", "batch_size", "progress")
 
 @dataclass(frozen=True)
 class BuildConfig:
-    src: Path  # competition root (train/, test/, train_labels.csv) or its train/ folder
+    src: Path  # Kaggle competition root (train/, test/, train_labels.csv) or its train/ folder, or a PCam h5 folder
     out: Path  # output folder; created if missing
+    layout: str = "auto"  # auto | kaggle | pcam-h5: how to read src; auto: pcam-h5 if src holds PCam .h5 files
     labels: Path | None = None  # id,label CSV; default: train_labels.csv beside train/
     test: Path | None = None  # test/ folder; default: test/ beside train/ when present
     no_test: bool = False  # skip the test split even when test/ exists
@@ -35,6 +36,7 @@ class BuildConfig:
     shard_size: int = 5000  # samples per WebDataset shard (~145 MB at 96x96)
     chunk_rows: int = 256  # images per Zarr/HDF5 chunk: one chunk ~ one training batch
     hdf5_codec: str = "none"  # none | lzf | gzip: built-in filters only, so any HDF5 reader opens it
+    torchvision_names: bool = False  # also write OUT/pcam/camelyonpatch_level_2_split_*_{x,y}.h5 (labelled splits)
     image_size: int = IMAGE_SIZE  # expected height and width; anything else is rejected
     keep_blank: bool = False  # keep all-black / all-white patches instead of rejecting them
     strict: bool = False  # exit non-zero when anything was rejected
@@ -47,6 +49,8 @@ class BuildConfig:
         bad = [f for f in self.formats if f not in FORMATS]
         if bad or not self.formats:
             raise PcamPrepError(f"--formats: unknown format(s) {bad or self.formats!r}; choose from {', '.join(FORMATS)}")
+        if self.layout not in ("auto", "kaggle", "pcam-h5"):
+            raise PcamPrepError(f"layout must be auto, kaggle or pcam-h5, got {self.layout!r}")
         if self.hdf5_codec not in ("none", "lzf", "gzip"):
             raise PcamPrepError(f"hdf5_codec must be none, lzf or gzip, got {self.hdf5_codec!r}")
         positive = {"folds": self.folds, "shard_size": self.shard_size, "chunk_rows": self.chunk_rows,

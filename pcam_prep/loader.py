@@ -28,6 +28,7 @@ from .schema import (
     TAR_BLOCK,
     ZARR_NAME,
     SampleLayout,
+    SplitSpec,
 )
 from .writers.manifest import read_manifest, safe_relpath
 
@@ -148,9 +149,10 @@ class Source:
 class WdsSource(Source):
     def __init__(self, out: Path, manifest: dict, split: str, folds: Sequence[int] | None) -> None:
         shape = tuple(manifest["image_shape"])
-        layout = SampleLayout(shape, split == "train")
+        spec = split_spec(manifest, split)
+        layout = SampleLayout(shape, spec.labelled)
         entries = [f for f in manifest["files"] if f["format"] == "wds" and f["split"] == split
-                   and (folds is None or f["fold"] in folds)]
+                   and (folds is None or not spec.folded or f["fold"] in folds)]
         self.shards = [ShardReader(safe_relpath(out, f["path"]), layout, f["count"]) for f in entries]
         self.starts = np.cumsum([0] + [s.count for s in self.shards])
         self.ids = np.array([i for s in self.shards for i in s.ids], dtype=object)
@@ -169,15 +171,17 @@ class WdsSource(Source):
 class ArraySource(Source):
     """Zarr or HDF5: `{split}/x` rows, filtered by `{split}/fold` when folds are given."""
 
-    def __init__(self, path: Path, kind: str, split: str, folds: Sequence[int] | None) -> None:
+    def __init__(self, path: Path, kind: str, split: str, folds: Sequence[int] | None,
+                 spec: SplitSpec | None = None) -> None:
         self.path, self.kind, self.split = Path(path), kind, split
+        spec = spec or SplitSpec(split, split == "train", split == "train")
         self._handle = None
         group = self._group()
         ids = np.asarray(group[f"{split}/id"][:])
         ids = np.array([i.decode() if isinstance(i, bytes) else str(i) for i in ids], dtype=object)
-        labels = np.asarray(group[f"{split}/y"][:], np.uint8) if split == "train" else None
+        labels = np.asarray(group[f"{split}/y"][:], np.uint8) if spec.labelled else None
         rows = np.arange(len(ids))
-        if folds is not None and split == "train":
+        if folds is not None and spec.folded:
             rows = np.flatnonzero(np.isin(np.asarray(group[f"{split}/fold"][:]), list(folds)))
         self.rows, self.ids = rows, ids[rows]
         self.labels = None if labels is None else labels[rows]
@@ -213,11 +217,15 @@ FORMATS = {"wds": None, "zarr": ZARR_NAME, "hdf5": HDF5_NAME}
 
 
 def open_source(out: Path, split: str = "train", folds: Sequence[int] | None = None, fmt: str = "wds") -> Source:
-    """Open a built OUT folder's `split` (train: optionally only `folds`) in format `fmt`."""
+    """Open a built OUT folder's `split` (train: optionally only `folds`) in format `fmt`.
+
+    Splits are those the manifest lists (Kaggle: train, test; PCam: train, valid, test); a
+    split's `labels` are None when the manifest says it is unlabelled.
+    """
     out = Path(out)
     manifest = read_manifest(out)
-    if split not in ("train", "test"):
-        raise PcamPrepError(f"split must be train or test, got {split!r}")
+    if split not in manifest["splits"]:
+        raise PcamPrepError(f"split must be one of {', '.join(manifest['splits'])}, got {split!r}")
     if folds is not None:
         bad = sorted(set(folds) - set(range(manifest["folds"]["k"])))
         if bad:
@@ -229,7 +237,13 @@ def open_source(out: Path, split: str = "train", folds: Sequence[int] | None = N
         raise PcamPrepError(f"{out} has no {fmt} output (built: {', '.join(sorted(built - {'csv'}))})")
     if fmt == "wds":
         return WdsSource(out, manifest, split, folds)
-    return ArraySource(out / FORMATS[fmt], fmt, split, folds)
+    return ArraySource(out / FORMATS[fmt], fmt, split, folds, split_spec(manifest, split))
+
+
+def split_spec(manifest: dict, split: str) -> SplitSpec:
+    """A split's flags as the manifest records them (manifests before PCam support: train only is labelled)."""
+    entry = manifest["splits"][split]
+    return SplitSpec(split, entry.get("labelled", split == "train"), entry.get("folded", split == "train"))
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:

@@ -16,8 +16,25 @@ CHANNELS = 3
 IMAGE_DTYPE = np.dtype(np.uint8)
 CENTRE = 32  # PCam label window: the centre 32x32 of a 96x96 patch
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "test")  # the Kaggle splits; a build's own list is `Analysis.specs` / manifest `splits`
 FORMATS = ("wds", "zarr", "hdf5")
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """One output split: does it carry labels, is it divided into folds (only train is)."""
+
+    name: str
+    labelled: bool
+    folded: bool = False
+
+    def __post_init__(self) -> None:
+        if self.folded and (not self.labelled or self.name != "train"):
+            raise ValueError(f"only a labelled 'train' split can be folded, got {self!r}")
+
+
+KAGGLE_SPLITS = (SplitSpec("train", True, True), SplitSpec("test", False))  # test labels are Kaggle's secret
+PCAM_SPLITS = (SplitSpec("train", True, True), SplitSpec("valid", True), SplitSpec("test", True))
 
 # Array stores (zarr and HDF5 share these paths).
 ZARR_NAME = "pcam.zarr"
@@ -30,7 +47,7 @@ DUPLICATES_NAME = "duplicates.csv"
 ARRAY_FIELDS = {
     "train": ("x", "y", "id", "fold"),
     "test": ("x", "id"),
-}
+}  # the Kaggle splits; array_fields(spec) in general
 ID_LENGTH = 40  # sha1 hex; longer ids are stored in variable-length form
 
 # WebDataset members. Only these are ever decoded by our loaders.
@@ -42,6 +59,21 @@ TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # what tarfile pads a finished archive to
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,90}$")  # fits a ustar member name with its suffix
+
+
+# torchvision.datasets.PCAM reads ROOT/pcam/camelyonpatch_level_2_split_{train,val,test}_{x,y}.h5, keys x and y.
+TORCHVISION_DIR = "pcam"
+TORCHVISION_SPLITS = {"train": "train", "valid": "val", "test": "test"}
+
+
+def torchvision_name(split: str, member: str) -> str:
+    """`camelyonpatch_level_2_split_val_x.h5` for split "valid", member "x"."""
+    return f"camelyonpatch_level_2_split_{TORCHVISION_SPLITS[split]}_{member}.h5"
+
+
+def array_fields(spec: SplitSpec) -> tuple[str, ...]:
+    """Paths under `{split}/` in pcam.zarr and pcam.h5."""
+    return ("x", *(("y",) if spec.labelled else ()), "id", *(("fold",) if spec.folded else ()))
 
 
 def image_shape(size: int = IMAGE_SIZE) -> tuple[int, int, int]:
@@ -110,9 +142,9 @@ class SampleLayout:
 
 
 def shard_name(split: str, index: int, fold: int | None = None) -> str:
-    """`train-f2-000003.tar` or `test-000000.tar`; train shards never mix folds."""
-    if split == "train":
-        if fold is None:
-            raise ValueError("train shards need a fold")
-        return f"train-f{fold}-{index:06d}.tar"
+    """`train-f2-000003.tar`, `valid-000000.tar` or `test-000000.tar`; train shards never mix folds."""
+    if split == "train" and fold is None:
+        raise ValueError("train shards need a fold")
+    if fold is not None:
+        return f"{split}-f{fold}-{index:06d}.tar"
     return f"{split}-{index:06d}.tar"

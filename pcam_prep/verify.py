@@ -2,7 +2,9 @@
 
 Three independent checks: every file re-hashed against the manifest; counts agree between
 the manifest, the shards and the arrays; and every format decodes to the same pixels, labels
-and ids, sample by sample (all of them by default, or a random `sample`).
+and ids, sample by sample (all of them by default, or a random `sample`). The torchvision
+PCAM files, when built, must have exactly the names, keys, shapes and dtypes torchvision reads,
+and the same pixels and labels row for row.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from . import PcamPrepError
-from .loader import FORMATS, Source, open_source
+from .loader import FORMATS, Source, open_source, split_spec
+from .schema import TORCHVISION_DIR, torchvision_name
 from .writers import sha256_file, sha256_tree
 from .writers.manifest import read_manifest, safe_relpath
 
@@ -42,7 +45,7 @@ def verify(out: Path, sample: int | None = None, seed: int = 0,
     report = VerifyReport()
     check_files(out, manifest, report, progress)
     formats = [f for f in FORMATS if any(e["format"] == f for e in manifest["files"])]
-    for split in ("train", "test"):
+    for split in manifest["splits"]:
         sources = {}
         for fmt in formats:
             try:
@@ -52,6 +55,8 @@ def verify(out: Path, sample: int | None = None, seed: int = 0,
         check_counts(manifest, split, sources, report)
         if sources:
             check_samples(split, sources, sample, seed, report, progress)
+        check_torchvision(out, manifest, split, next(iter(sources.values()), None), _rows(
+            manifest["splits"][split]["count"], sample, seed), report)
     return report
 
 
@@ -76,7 +81,7 @@ def check_counts(manifest: dict, split: str, sources: dict[str, Source], report:
     for fmt, source in sources.items():
         if len(source) != expected:
             report.problems.append(f"{fmt} {split}: {len(source)} samples, manifest says {expected}")
-    if split == "train" and "wds" in sources:
+    if split_spec(manifest, split).folded and "wds" in sources:
         per_fold = {c["fold"]: c["count"] for c in manifest["folds"]["counts"]}
         for fold, count in per_fold.items():
             got = sum(e["count"] for e in manifest["files"] if e["format"] == "wds" and e["fold"] == fold)
@@ -97,9 +102,7 @@ def check_samples(split: str, sources: dict[str, Source], sample: int | None, se
         if first.labels is not None and not np.array_equal(first.labels, other.labels):
             row = int(np.flatnonzero(first.labels != other.labels)[0])
             report.problems.append(f"{split}: label of sample {first.ids[row]} differs between {names[0]} and {name}")
-    rows = np.arange(len(first))
-    if sample is not None and sample < len(rows):
-        rows = np.sort(np.random.default_rng(seed).choice(rows, sample, replace=False))
+    rows = _rows(len(first), sample, seed)
     for done, start in enumerate(range(0, len(rows), CHUNK), start=1):
         index = rows[start : start + CHUNK]
         reference = first.take(index)
@@ -111,3 +114,42 @@ def check_samples(split: str, sources: dict[str, Source], sample: int | None, se
         report.samples += len(index)
         if progress:
             progress(f"{split} px", done, -(-len(rows) // CHUNK))
+
+
+def _rows(n: int, sample: int | None, seed: int) -> np.ndarray:
+    rows = np.arange(n)
+    if sample is not None and sample < n:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, sample, replace=False))
+    return rows
+
+
+def check_torchvision(out: Path, manifest: dict, split: str, reference: Source | None, rows: np.ndarray,
+                      report: VerifyReport) -> None:
+    """torchvision PCAM files of `split`: x (N,H,W,3) and y (N,1,1,1) uint8, equal to `reference` row for row."""
+    if not any(e["format"] == "torchvision-h5" and e["split"] == split for e in manifest["files"]):
+        return
+    import h5py
+
+    n, shape = manifest["splits"][split]["count"], tuple(manifest["image_shape"])
+    x_path, y_path = (out / TORCHVISION_DIR / torchvision_name(split, m) for m in ("x", "y"))
+    try:
+        with h5py.File(x_path, "r") as fx, h5py.File(y_path, "r") as fy:
+            x, y = fx.get("x"), fy.get("y")
+            for name, data, want in (("x", x, (n, *shape)), ("y", y, (n, 1, 1, 1))):
+                if not isinstance(data, h5py.Dataset) or data.shape != want or data.dtype != np.uint8:
+                    found = "missing" if not isinstance(data, h5py.Dataset) else f"{data.shape} {data.dtype}"
+                    report.problems.append(f"torchvision {split}: {name!r} is {found}, expected {want} uint8")
+                    return
+            if reference is None:
+                return
+            if reference.labels is not None and not np.array_equal(y[:].reshape(n), reference.labels):
+                report.problems.append(f"torchvision {split}: labels differ from the other formats")
+            for start in range(0, len(rows), CHUNK):
+                index = rows[start : start + CHUNK]
+                contiguous = index[-1] - index[0] + 1 == len(index)
+                pixels = x[index[0] : index[-1] + 1] if contiguous else x[index]
+                bad = np.flatnonzero((pixels != reference.take(index)).reshape(len(index), -1).any(axis=1))
+                for row in index[bad][:5]:
+                    report.problems.append(f"torchvision {split}: pixels of row {row} differ from the other formats")
+    except OSError as exc:
+        report.problems.append(f"torchvision {split}: cannot read: {exc}")

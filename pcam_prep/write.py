@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from .loader import pixels_view
-from .schema import SampleLayout
+from .schema import SampleLayout, torchvision_name
 from .validate import load_images
-from .writers import arrays, sha256_file, wds
+from .writers import arrays, sha256_file, torchvision, wds
 
 FORMAT_VERSION = 1  # bump when the shard byte layout changes: old shards are then rewritten
 BLOCK_ROWS = 512  # images in memory per task at a time: ~14 MB at 96x96
@@ -31,6 +31,9 @@ class Files:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def part(self, start: int, stop: int) -> Files:
+        return Files(self.paths[start:stop], self.stamps[start:stop])
 
     def blocks(self, shape: tuple[int, int, int], rows: int) -> Iterator[tuple[int, np.ndarray]]:
         for start in range(0, len(self.paths), rows):
@@ -72,14 +75,14 @@ class ShardRows:
             yield start, out[:filled]
 
 
-Sources = Files | ShardRows
+Sources = Files | ShardRows  # or any source with the same blocks()/part()/stamps, e.g. sources.pcam_h5.H5Rows
 
 
 @dataclass(frozen=True)
 class PieceResult:
     """One written piece: a shard, a row range of a store, or a whole file."""
 
-    kind: str  # wds | zarr | hdf5
+    kind: str  # wds | zarr | hdf5 | torchvision-h5
     split: str
     path: str
     count: int
@@ -138,3 +141,12 @@ def write_hdf5_piece(
     arrays.write_hdf5(Path(path), tuple(shape), chunk_rows, plan, codec)
     count = sum(len(src) for _, src in splits.values())
     return PieceResult("hdf5", "all", path, count, sha256_file(Path(path)))
+
+
+def write_torchvision_piece(
+    folder: str, split: str, shape: tuple[int, int, int], labels: np.ndarray, sources: Sources
+) -> tuple[PieceResult, PieceResult]:
+    """One split as torchvision's PCAM x and y files, in the split's row order."""
+    x_path, y_path = (Path(folder) / torchvision_name(split, m) for m in ("x", "y"))
+    torchvision.write_pair(x_path, y_path, tuple(shape), labels, sources.blocks(shape, BLOCK_ROWS))
+    return tuple(PieceResult("torchvision-h5", split, str(p), len(labels), sha256_file(p)) for p in (x_path, y_path))

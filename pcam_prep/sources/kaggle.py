@@ -14,12 +14,15 @@ from pathlib import Path
 import pandas as pd
 
 from .. import PcamPrepError
-from ..schema import is_safe_id
+from ..schema import KAGGLE_SPLITS, is_safe_id
+from ..validate import inspect_batch
+from ..write import Files
+from .base import REJECT_COLUMNS, Inventory
+from .base import reject_row as _reject
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".tif", ".tiff")
-REJECT_COLUMNS = ["id", "path", "reason", "detail"]
 
 
 @dataclass(frozen=True)
@@ -30,14 +33,19 @@ class KaggleLayout:
     test: Path | None
 
 
-@dataclass(frozen=True)
-class Inventory:
-    """Files to decode, per split, plus what was refused before decoding."""
+class TifReader:
+    """Kaggle rows: one .tif file each, named by its id."""
 
-    train: pd.DataFrame  # id, path (absolute), label (int8)
-    test: pd.DataFrame  # id, path
-    rejects: pd.DataFrame  # id, path (relative to root), reason, detail
-    layout: KaggleLayout
+    ids_from_pixels = False
+
+    def inspect_call(self, rows: pd.DataFrame, shape, keep_blank: bool, with_moments: bool):
+        return inspect_batch, (list(rows["path"]), shape, keep_blank, with_moments)
+
+    def locate(self, rows: pd.DataFrame, root: Path) -> list[str]:
+        return [os.path.relpath(p, root) for p in rows["path"]]
+
+    def rows(self, frame: pd.DataFrame) -> Files:
+        return Files(list(frame["path"]), list(frame["stamp"]))
 
 
 def resolve_layout(src: Path, labels: Path | None = None, test: Path | None = None,
@@ -118,7 +126,7 @@ def scan(layout: KaggleLayout) -> Inventory:
         rejects += strays
     frame = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
     logger.info("scanned %d train and %d test files, %d rejected", len(train), len(test), len(frame))
-    return Inventory(train, test, frame, layout)
+    return Inventory("kaggle", layout.root, KAGGLE_SPLITS, {"train": train, "test": test}, frame, TifReader())
 
 
 def _label_problem(row, conflicting) -> tuple[str, str]:
@@ -128,7 +136,3 @@ def _label_problem(row, conflicting) -> tuple[str, str]:
         return "bad-label", "labels CSV gives this id different labels"
     return "bad-label", f"label {row.label!r}"
 
-
-def _reject(sample_id: str, path: Path | None, root: Path, reason: str, detail: str) -> dict:
-    rel = "" if path is None else os.path.relpath(path, root)
-    return {"id": sample_id, "path": rel, "reason": reason, "detail": detail}

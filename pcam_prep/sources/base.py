@@ -1,0 +1,60 @@
+"""What every source layout hands the pipeline: rows to inspect per split, and how to read them.
+
+A layout (Kaggle tif folders, PCam HDF5 files) scans its inputs into an `Inventory` without
+touching pixels. Its `RowReader` then says how a batch of rows is inspected (decoded, checked,
+fingerprinted) and how the write stage reads kept rows again. Readers hold no open files:
+everything they hand to a task is paths and plain values.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pandas as pd
+
+from ..schema import SplitSpec
+
+REJECT_COLUMNS = ["id", "path", "reason", "detail"]
+
+
+class RowReader(Protocol):
+    ids_from_pixels: bool  # True: a row's id is the sha1 of its pixels, known only after inspection
+
+    def inspect_call(self, rows: pd.DataFrame, shape: tuple[int, int, int], keep_blank: bool,
+                     with_moments: bool) -> tuple[Callable[..., Any], tuple]:
+        """(function, args) that inspect `rows` in one task and return a validate.BatchReport."""
+
+    def locate(self, rows: pd.DataFrame, root: Path) -> list[str]:
+        """Where each row came from, relative to `root`, for rejects.csv."""
+
+    def rows(self, frame: pd.DataFrame) -> Any:
+        """The write-stage source of `frame`'s rows, in frame order (write.Files or pcam_h5.H5Rows)."""
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Rows to inspect, per split, plus what was refused before reading any pixel."""
+
+    layout: str  # kaggle | pcam-h5
+    root: Path  # reject paths are written relative to this
+    specs: tuple[SplitSpec, ...]
+    splits: dict[str, pd.DataFrame]  # per split: id, path, [row], [label], [group]
+    rejects: pd.DataFrame  # id, path (relative to root), reason, detail
+    reader: RowReader
+
+    @property
+    def train(self) -> pd.DataFrame:
+        return self.splits["train"]
+
+    @property
+    def test(self) -> pd.DataFrame:
+        return self.splits.get("test", pd.DataFrame({"id": [], "path": []}))
+
+
+def reject_row(sample_id: str, path: Path | None, root: Path, reason: str, detail: str) -> dict:
+    rel = "" if path is None else os.path.relpath(path, root)
+    return {"id": sample_id, "path": rel, "reason": reason, "detail": detail}
