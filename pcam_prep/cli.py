@@ -222,9 +222,11 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 # Commands that live in their own modules (they import Bars/friendly_errors from here).
-from .cli_stats import stats  # noqa: E402
+from .cli_stats import stats
+from .cli_train import bench, predict, train
 
-main.add_command(stats)
+for command in (stats, train, predict, bench):
+    main.add_command(command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -102,7 +102,7 @@ class Executor(AbstractContextManager):
 
             self._limits = threadpool_limits(1)  # the worker threads are the parallelism
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.client is not None:
             self.client.close()
         if self.pool is not None:

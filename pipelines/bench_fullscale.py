@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_build import STOCK, timed  # noqa: E402
+from bench_build import STOCK, timed
 
 TRAIN, TEST = 220_025, 57_458
 

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
-import io
 import json
 import shutil
 import subprocess

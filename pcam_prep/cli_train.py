@@ -1,0 +1,217 @@
+"""`pcam-prep train`, `predict` and `bench loader`: parse options, build a config, call one library function.
+
+Runnable on its own (`python -m pcam_prep.cli_train train ...`), which is how torchrun starts it:
+`torchrun --nproc_per_node 2 -m pcam_prep.cli_train train --shards OUT`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .cli_common import friendly_errors
+from .loader import FORMATS
+from .train.config import ARCHS, DEVICES, PredictConfig, TrainConfig
+
+
+def _default(config: type, name: str) -> Any:
+    return config.__dataclass_fields__[name].default
+
+
+def _opt(config: type, flag: str, kind: Any, help: str) -> Any:
+    """An option whose default is `config`'s field of the same name (--batch-size -> batch_size)."""
+    default = _default(config, flag[2:].replace("-", "_"))
+    return click.option(flag, type=kind, default=default, show_default=True, help=help)
+
+
+def _flags(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+shards_option = click.option("--shards", default=Path("shards"), show_default=True,
+                             type=click.Path(exists=True, file_okay=False, path_type=Path),
+                             help="Built OUT folder (from `pcam-prep build`).")
+format_option = click.option("--format", "format", type=click.Choice(list(FORMATS)), default="wds", show_default=True,
+                             help="Which built copy to read.")
+device_option = click.option("--device", type=click.Choice(DEVICES), default="auto",
+                             show_default=True, help="auto: cuda when available.")
+
+
+@click.command()
+@shards_option
+@_opt(TrainConfig, "--out", click.Path(file_okay=False, path_type=Path),
+      "Run folder for checkpoints, metrics.json, figures.")
+@_opt(TrainConfig, "--val-fold", int, "Validation fold; the others train.")
+@_opt(TrainConfig, "--epochs", int, "Total epochs (a resumed run stops here too).")
+@_opt(TrainConfig, "--arch", click.Choice(ARCHS), "small: 3-block CNN; resnet: ResNet-18-like.")
+@click.option("--width", type=int, help="First-stage channels  [default: small 32, resnet 64]")
+@_opt(TrainConfig, "--batch-size", int, "Images per step per process.")
+@_opt(TrainConfig, "--lr", float, "Peak learning rate (warmup, then cosine).")
+@_opt(TrainConfig, "--weight-decay", float, "AdamW weight decay.")
+@click.option("--augment/--no-augment", default=True, show_default=True,
+              help="Dihedral transforms and colour jitter on the device.")
+@device_option
+@_opt(TrainConfig, "--seed", int, "Seed for init, order, augmentation, dropout.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt, mid-epoch if it was saved mid-epoch.")
+@click.option("--patience", type=int, help="Stop after N epochs without a better val AUC  [default: never]")
+@format_option
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="DataLoader worker processes; 0 reads in-process (memory-mapped: fastest).")
+@click.option("--resident/--no-resident", default=None,
+              help="Keep the uint8 train split on the device  [default: when it fits]")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA.")
+@_opt(TrainConfig, "--checkpoint-every", int, "Also save last.pt every N steps.")
+@friendly_errors
+def train(compile_: bool, **flags: Any) -> None:
+    """Train a classifier on built shards; writes checkpoints, metrics.json and figures to OUT.
+
+    The validation fold is held out; AUC is computed over all of it. Run it under torchrun
+    for DistributedDataParallel (nccl on CUDA, gloo on CPU): each process reads its own
+    slice of every epoch, and only rank 0 writes files.
+
+    \b
+    Example:
+      pcam-prep train --shards shards/ --out runs/small --epochs 10
+      pcam-prep train --shards shards/ --out runs/small --epochs 12 --resume
+      torchrun --nproc_per_node 4 -m pcam_prep.cli_train train --shards shards/ --arch resnet
+    """
+    from .train.loop import train as run_train
+
+    config = TrainConfig(compile=compile_, **_flags(flags))
+    main_rank = os.environ.get("RANK", "0") == "0"
+    bar = _EpochBar(config.epochs) if main_rank else None
+    result = run_train(config, progress=bar)
+    if bar is not None:
+        bar.close()
+    if main_rank:
+        click.echo(f"best val AUC {result['best_val_auc']:.4f} at epoch {result['best_epoch']}; run in {config.out}")
+
+
+class _EpochBar:
+    """One tqdm bar per epoch in images, with the running loss; a summary line when an epoch ends."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs, self.bar, self.epoch = epochs, None, None
+
+    def __call__(self, event: Any) -> None:
+        from tqdm.auto import tqdm
+
+        if self.bar is None or event.epoch != self.epoch:
+            self.close()
+            self.epoch = event.epoch
+            self.bar = tqdm(desc=f"epoch {event.epoch + 1}/{self.epochs}", unit="img", unit_scale=True,
+                            disable=None, file=sys.stderr, leave=False, dynamic_ncols=True)
+        self.bar.update(event.images - self.bar.n)
+        if event.loss is not None:
+            self.bar.set_postfix(loss=f"{event.loss:.4f}", refresh=False)
+        if event.record is not None:
+            self.close()
+            r = event.record
+            click.echo(f"epoch {r['epoch']}/{self.epochs}  train_loss {r['train_loss']:.4f}  "
+                       f"val_loss {r['val_loss']:.4f}  val_auc {r['val_auc']:.4f}  val_acc {r['val_acc']:.4f}  "
+                       f"{r['images_per_s']:,.0f} img/s  data wait {100 * r['data_wait_frac']:.1f}%  "
+                       f"{r['seconds']:.1f}s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@click.command()
+@shards_option
+@click.option("--checkpoint", default=_default(TrainConfig, "out") / "best.pt", show_default=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="best.pt or last.pt from `pcam-prep train`.")
+@_opt(PredictConfig, "--out", click.Path(dir_okay=False, path_type=Path), "CSV to write.")
+@click.option("--tta", type=click.Choice(["1", "2", "4", "8"]), default="1", show_default=True,
+              help="Average over this many dihedral views.")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True,
+              help="test: Kaggle submission; val: a labelled fold, with its AUC.")
+@click.option("--fold", type=int, help="Fold scored with --split val  [default: the checkpoint's val fold]")
+@format_option
+@device_option
+@_opt(PredictConfig, "--batch-size", int, "Images per forward pass.")
+@friendly_errors
+def predict(tta: str, **flags: Any) -> None:
+    """Score the test split with a checkpoint and write the Kaggle submission (id,label).
+
+    label is the predicted probability of tumour in the centre 32x32. With --split val the
+    rows of a labelled train fold are scored instead, the CSV is id,label,prob, and the AUC
+    is printed.
+
+    \b
+    Example:
+      pcam-prep predict --shards shards/ --checkpoint runs/small/best.pt --out submission.csv --tta 8
+      pcam-prep predict --shards shards/ --checkpoint runs/small/best.pt --split val --fold 0 --out val.csv
+    """
+    from .cli_common import Bars
+    from .train.predict import predict as run_predict
+
+    config = PredictConfig(tta=int(tta), **_flags(flags))
+    bars = Bars("img")
+    result = run_predict(config, progress=lambda done, total: bars("predict", done, total))
+    bars.close()
+    auc = "" if result.auc is None else f"; AUC {result.auc:.4f}"
+    click.echo(f"wrote {result.rows:,} rows to {result.out} in {result.seconds:.1f}s{auc}")
+
+
+@click.group()
+def bench() -> None:
+    """Measure parts of the pipeline on their own.
+
+    \b
+    Example:
+      pcam-prep bench loader --shards shards/ --seconds 5
+    """
+
+
+@bench.command()
+@shards_option
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per batch.")
+@click.option("--seconds", type=click.FloatRange(min=0.1), default=5.0, show_default=True, help="How long to run.")
+@format_option
+@click.option("--seed", type=int, default=0, show_default=True, help="Shuffle seed.")
+@friendly_errors
+def loader(shards: Path, batch_size: int, seconds: float, format: str, seed: int) -> None:
+    """Read shuffled uint8 train batches and nothing else; print one JSON line ending in images_per_s.
+
+    \b
+    Example:
+      pcam-prep bench loader --shards shards/ --batch-size 256 --seconds 5 --format wds
+    """
+    from .loader import BatchLoader, open_source
+    from .train.data import loader_throughput
+
+    source = open_source(shards, "train", None, format)
+    measured = loader_throughput(BatchLoader(source, batch_size, seed=seed), seconds)
+    line = {"format": format, "batch_size": batch_size, "images": measured["images"], "seconds": measured["seconds"],
+            "images_per_s": measured["images_per_s"]}
+    click.echo(json.dumps(line))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+def commands(verbose: int) -> None:
+    """The training commands on their own (what `torchrun -m pcam_prep.cli_train` runs).
+
+    \b
+    Example:
+      python -m pcam_prep.cli_train train --shards shards/ --epochs 2
+    """
+    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), format="%(levelname)s %(name)s: %(message)s")
+
+
+commands.add_command(train)
+commands.add_command(predict)
+commands.add_command(bench)
+
+if __name__ == "__main__":  # pragma: no cover
+    commands()

@@ -1,0 +1,102 @@
+"""Typed, frozen settings for `train` and `predict`; the resolved one is saved in every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import PcamPrepError
+from ..loader import FORMATS
+
+ARCHS = ("small", "resnet")
+DEVICES = ("auto", "cpu", "cuda")
+TTA_CHOICES = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    shards: Path  # built OUT folder: manifest.json plus wds/, pcam.zarr or pcam.h5
+    out: Path = Path("runs/train")  # run folder: checkpoints, metrics.json, figures, val predictions
+    val_fold: int = 0  # validation fold; every other fold trains
+    epochs: int = 10  # total epochs; a resumed run continues until this many are done
+    arch: str = "small"  # small: 3-block CNN (default) | resnet: ResNet-18-like
+    width: int | None = None  # channels of the first stage; None: the arch's own (small 32, resnet 64)
+    batch_size: int = 256  # per process: under torchrun the global batch is this x world size
+    lr: float = 2e-3  # peak learning rate, reached after the warmup, then cosine to zero
+    warmup: float = 0.1  # share of all steps spent warming up linearly from zero
+    weight_decay: float = 0.05  # AdamW decoupled weight decay (not applied to norms and biases)
+    augment: bool = True  # dihedral transforms and colour jitter, per sample, on the device
+    device: str = "auto"  # auto: cuda when available, else cpu
+    seed: int = 0  # model init, batch order, augmentation and dropout all follow from it
+    resume: bool = False  # continue from OUT/last.pt (model, optimiser, schedule, step, RNG state)
+    patience: int | None = None  # stop after this many epochs without a better val AUC; None: never
+    format: str = "wds"  # which built copy to read: wds | zarr | hdf5
+    workers: int = 0  # DataLoader worker processes; 0 reads in-process (memory-mapped: the fastest)
+    resident: bool | None = None  # keep the uint8 train split on the device; None: when it fits
+    compile: bool = False  # torch.compile the model (slow first steps, faster after)
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    checkpoint_every: int = 500  # also save last.pt every N steps mid-epoch (and on Ctrl-C)
+    log_every: int = 20  # read the loss back for the progress bar every N steps (a GPU sync)
+
+    def __post_init__(self) -> None:
+        _check_choice("arch", self.arch, ARCHS)
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("format", self.format, FORMATS)
+        _check_positive(epochs=self.epochs, batch_size=self.batch_size, checkpoint_every=self.checkpoint_every,
+                        log_every=self.log_every)
+        _check_positive(width=self.width, patience=self.patience, allow_none=True)
+        if self.val_fold < 0:
+            raise PcamPrepError(f"val_fold must be >= 0, got {self.val_fold!r}")
+        if self.workers < 0:
+            raise PcamPrepError(f"workers must be >= 0, got {self.workers!r}")
+        if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.warmup < 1:
+            raise PcamPrepError(f"need lr > 0, weight_decay >= 0 and 0 <= warmup < 1; got lr={self.lr!r}, "
+                                f"weight_decay={self.weight_decay!r}, warmup={self.warmup!r}")
+        if self.resident and self.workers:
+            raise PcamPrepError(f"--resident keeps the data on the device, so --workers {self.workers} has nothing "
+                                "to do: pass one or the other")
+
+    def as_dict(self) -> dict[str, Any]:
+        return jsonable(self)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    shards: Path  # built OUT folder to score
+    checkpoint: Path  # best.pt or last.pt written by `train`
+    out: Path = Path("submission.csv")  # CSV: id,label (test) or id,label,prob (val)
+    split: str = "test"  # test: Kaggle submission | val: a labelled train fold, with its AUC
+    fold: int | None = None  # the fold scored with split=val; default: the checkpoint's val fold
+    tta: int = 1  # average over the first 1, 2, 4 or 8 dihedral transforms
+    format: str = "wds"  # which built copy to read: wds | zarr | hdf5
+    device: str = "auto"  # auto: cuda when available, else cpu
+    batch_size: int = 512  # images per forward pass
+
+    def __post_init__(self) -> None:
+        _check_choice("split", self.split, ("test", "val"))
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("format", self.format, FORMATS)
+        _check_choice("tta", self.tta, TTA_CHOICES)
+        _check_positive(batch_size=self.batch_size)
+        if self.fold is not None and self.split != "val":
+            raise PcamPrepError(f"--fold {self.fold} only applies to --split val")
+
+
+def jsonable(config: Any) -> dict[str, Any]:
+    """A config dataclass as JSON-ready values (paths become strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise PcamPrepError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _check_positive(allow_none: bool = False, **values: Any) -> None:
+    for name, value in values.items():
+        if value is None and allow_none:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PcamPrepError(f"{name} must be a positive integer, got {value!r}")

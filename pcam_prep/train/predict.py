@@ -1,0 +1,115 @@
+"""Scoring a checkpoint: the Kaggle submission for the test split, or a labelled fold and its AUC."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import PcamPrepError
+from ..loader import BatchLoader, open_source
+from .augment import dihedral
+from .config import PredictConfig
+from .data import Normalise, keep_freed_memory_on_cpu, resolve_device, stream_batches
+from .metrics import roc_auc
+from .models import build_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    out: Path  # the CSV written
+    rows: int  # images scored
+    auc: float | None  # for split=val; None for the test split
+    seconds: float
+
+
+def load_checkpoint(path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """The model in a `train` checkpoint, in eval mode on `device`, and the checkpoint itself."""
+    path = Path(path)
+    if not path.is_file():
+        raise PcamPrepError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem
+        raise PcamPrepError(f"{path} is not a pcam-prep checkpoint: {exc}") from None
+    missing = {"model", "arch", "width", "mean", "std", "config"} - set(ckpt)
+    if missing:
+        raise PcamPrepError(f"{path} is not a pcam-prep checkpoint (missing {', '.join(sorted(missing))})")
+    model = build_model(ckpt["arch"], ckpt["width"]).to(device, memory_format=torch.channels_last)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, loader: BatchLoader, norm: Normalise, device: torch.device, tta: int = 1,
+                  progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, probabilities) for one pass over `loader`, averaged over the first `tta` dihedral views."""
+    index, probs = [], []
+    for batch in stream_batches(loader, device):
+        unit = Normalise.to_unit(batch.images)
+        views = [torch.sigmoid(model(norm(dihedral(unit, code))).float()) for code in range(tta)]
+        probs.append(torch.stack(views).mean(0))
+        index.append(batch.index)
+        if progress is not None:
+            progress(len(batch.index))
+    if not index:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return np.concatenate(index), torch.cat(probs).cpu().numpy()
+
+
+def write_predictions(path: Path, ids: np.ndarray, labels: np.ndarray | None, probs: np.ndarray) -> Path:
+    """`id,label` with label = probability (Kaggle), or `id,label,prob` when true labels are given."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        out = csv.writer(fh, lineterminator="\n")
+        if labels is None:
+            out.writerow(("id", "label"))
+            out.writerows((i, f"{p:.6f}") for i, p in zip(ids, probs))
+        else:
+            out.writerow(("id", "label", "prob"))
+            out.writerows((i, int(y), f"{p:.6f}") for i, y, p in zip(ids, labels, probs))
+    os.replace(tmp, path)
+    return path
+
+
+def predict(config: PredictConfig, progress: Callable[[int, int], None] | None = None) -> PredictResult:
+    """Score the test split (or a train fold) with a checkpoint and write the CSV; `progress(done, total)`."""
+    start = time.perf_counter()
+    device = resolve_device(config.device)
+    if device.type == "cpu":
+        keep_freed_memory_on_cpu()
+    model, ckpt = load_checkpoint(config.checkpoint, device)
+    fold = config.fold if config.fold is not None else ckpt["config"]["val_fold"]
+    split, folds = ("test", None) if config.split == "test" else ("train", [fold])
+    source = open_source(config.shards, split, folds, config.format)
+    if not len(source):
+        raise PcamPrepError(f"{config.shards} has no {config.split} images to score")
+    norm = Normalise(ckpt["mean"], ckpt["std"], device)  # the training normalisation, whatever these shards say
+    done = 0
+
+    def count(k: int) -> None:
+        nonlocal done
+        done += k
+        if progress is not None:
+            progress(done, len(source))
+
+    loader = BatchLoader(source, config.batch_size, shuffle=False)
+    index, probs = predict_probs(model, loader, norm, device, config.tta, count)
+    labels = None if source.labels is None else source.labels[index]
+    write_predictions(config.out, source.ids[index], labels, probs)
+    auc = None if labels is None else roc_auc(labels, probs)
+    logger.info("scored %d %s images (tta %d): %s", len(index), config.split, config.tta, config.out)
+    return PredictResult(Path(config.out), len(index), auc, time.perf_counter() - start)
