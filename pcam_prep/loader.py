@@ -138,12 +138,25 @@ class Source:
 
     ids: np.ndarray
     labels: np.ndarray | None
+    shape: tuple[int, ...]  # of one image: (H, W, 3)
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def take(self, index: np.ndarray) -> np.ndarray:
+    def take(self, index: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Images of rows `index`, in that order, as (len(index), H, W, 3) uint8; written into `out` if given.
+
+        `out` lets a caller gather straight into memory it owns (e.g. pinned for a GPU copy).
+        """
         raise NotImplementedError
+
+    def _out(self, index: np.ndarray, out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+        wanted = (len(index), *shape)
+        if out is None:
+            return np.empty(wanted, np.uint8)
+        if out.shape != wanted or out.dtype != np.uint8 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous uint8 array of shape {wanted}, got {out.dtype} {out.shape}")
+        return out
 
 
 class WdsSource(Source):
@@ -158,14 +171,58 @@ class WdsSource(Source):
         self.ids = np.array([i for s in self.shards for i in s.ids], dtype=object)
         self.labels = np.concatenate([s.labels for s in self.shards]) if layout.labelled and self.shards else None
         self.shape = shape
+        self._views: list[np.ndarray] | None = None
 
-    def take(self, index: np.ndarray) -> np.ndarray:
-        out = np.empty((len(index), *self.shape), np.uint8)
+    def take(self, index: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        # One memcpy per image, straight from the mapped shard into `out`. Vectorised
+        # alternatives copy twice (per-shard fancy gather, then scatter into place) and
+        # measured ~1.8x slower; np.take(out=) on the strided views is ~100x slower still.
+        index = np.asarray(index)
+        out = self._out(index, out, self.shape)
+        if len(index) and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows: {index.min()}..{index.max()}")
+        if self._views is None:
+            self._views = [shard.images for shard in self.shards]
         shard_of = np.searchsorted(self.starts, index, side="right") - 1
-        for shard in np.unique(shard_of):
-            where = np.flatnonzero(shard_of == shard)
-            out[where] = self.shards[shard].images[index[where] - self.starts[shard]]
-        return out
+        return gather(self._views, shard_of, index - self.starts[shard_of], out)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_views": None}  # views hold mappings: the shards reopen theirs
+
+
+def gather(blocks: list[np.ndarray], block_of: np.ndarray, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out[k] = blocks[block_of[k]][rows[k]]: one memcpy per image, straight into `out`."""
+    for k, (block, row) in enumerate(zip(block_of.tolist(), rows.tolist())):
+        out[k] = blocks[block][row]
+    return out
+
+
+def mapped_hdf5_chunks(dataset) -> tuple[list[np.ndarray], int] | None:
+    """An unfiltered HDF5 dataset's chunks as memory-mapped arrays, and the rows per chunk; None if not possible.
+
+    h5py reads a fancy selection row by row through HDF5's hyperslab machinery (~2 ms a row
+    measured); unfiltered chunks are plain C-order bytes at offsets HDF5 reports, so they can
+    be mapped and gathered like shards. Filtered, unallocated or virtual layouts use h5py.
+    """
+    plist = dataset.id.get_create_plist()
+    if plist.get_nfilters() or dataset.chunks is None or dataset.dtype != np.uint8 or not len(dataset):
+        return None
+    per = dataset.chunks[0]
+    count = -(-len(dataset) // per)
+    infos = [dataset.id.get_chunk_info(i) for i in range(dataset.id.get_num_chunks())]
+    if len(infos) != count:
+        return None
+    with open(dataset.file.filename, "rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
+    data = np.frombuffer(mapped, np.uint8)
+    shape, nbytes = (per, *dataset.shape[1:]), per * int(np.prod(dataset.shape[1:]))
+    blocks: list[np.ndarray | None] = [None] * count
+    for info in infos:
+        block = info.chunk_offset[0] // per
+        if info.size != nbytes or info.byte_offset + nbytes > len(data):
+            return None
+        blocks[block] = data[info.byte_offset : info.byte_offset + nbytes].reshape(shape)
+    return blocks, per
 
 
 class ArraySource(Source):
@@ -176,6 +233,7 @@ class ArraySource(Source):
         self.path, self.kind, self.split = Path(path), kind, split
         spec = spec or SplitSpec(split, split == "train", split == "train")
         self._handle = None
+        self._chunks: tuple[list[np.ndarray], int] | bool | None = None  # mapped HDF5 chunks; False: not mappable
         group = self._group()
         ids = np.asarray(group[f"{split}/id"][:])
         ids = np.array([i.decode() if isinstance(i, bytes) else str(i) for i in ids], dtype=object)
@@ -185,6 +243,7 @@ class ArraySource(Source):
             rows = np.flatnonzero(np.isin(np.asarray(group[f"{split}/fold"][:]), list(folds)))
         self.rows, self.ids = rows, ids[rows]
         self.labels = None if labels is None else labels[rows]
+        self.shape = tuple(group[f"{split}/x"].shape[1:])
 
     def _group(self):
         if self._handle is None:
@@ -198,18 +257,22 @@ class ArraySource(Source):
                 self._handle = h5py.File(self.path, "r")
         return self._handle
 
-    def take(self, index: np.ndarray) -> np.ndarray:
+    def take(self, index: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         rows = self.rows[index]
-        order = np.argsort(rows, kind="stable")
+        out = self._out(rows, out, self.shape)
         x = self._group()[f"{self.split}/x"]
-        picked = x.get_orthogonal_selection((rows[order],)) if self.kind == "zarr" else x[rows[order]]
-        out = np.empty_like(picked)
-        out[order] = picked
-        return out
+        if self.kind == "hdf5" and self._chunks is None:
+            self._chunks = mapped_hdf5_chunks(x) or False
+        if self._chunks:
+            blocks, per = self._chunks
+            return gather(blocks, rows // per, rows % per, out)
+        unique, inverse = np.unique(rows, return_inverse=True)  # both libraries want increasing, distinct rows
+        picked = x.get_orthogonal_selection((unique,)) if self.kind == "zarr" else x[unique]
+        return np.take(picked, inverse, axis=0, out=out, mode="clip")  # clip: rows are valid, and out unbuffered
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_handle"] = None  # never send an open zarr/h5py handle anywhere
+        state["_handle"] = state["_chunks"] = None  # never send an open handle or a mapping anywhere
         return state
 
 
@@ -297,9 +360,10 @@ class BatchLoader:
     def __len__(self) -> int:
         return len(self.plan())
 
-    def batch(self, index: np.ndarray) -> Batch:
+    def batch(self, index: np.ndarray, out: np.ndarray | None = None) -> Batch:
+        """The batch of rows `index`; images are gathered into `out` when given (see Source.take)."""
         labels = None if self.source.labels is None else self.source.labels[index]
-        return Batch(self.source.take(index), labels, list(self.source.ids[index]), index)
+        return Batch(self.source.take(index, out), labels, list(self.source.ids[index]), index)
 
     def __iter__(self) -> Iterator[Batch]:
         for index in self.plan():

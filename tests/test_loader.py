@@ -12,7 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pcam_prep import PcamPrepError
+from pcam_prep.config import BuildConfig
 from pcam_prep.loader import BatchLoader, ShardError, ShardReader, batch_plan, open_source
+from pcam_prep.pipeline import build
 from pcam_prep.schema import SampleLayout
 
 
@@ -28,6 +30,36 @@ def test_every_format_gives_the_same_rows(built: Path, fmt, split, folds) -> Non
         np.testing.assert_array_equal(wds.labels, other.labels)
     else:
         assert wds.labels is None and other.labels is None
+
+
+@pytest.mark.parametrize("fmt", ["wds", "zarr", "hdf5"])
+def test_take_gathers_into_a_given_buffer_and_names_bad_ones(built: Path, fmt: str) -> None:
+    source = open_source(built, "train", None, fmt)
+    index = np.array([len(source) - 1, 0, 5, 5])
+    reference = np.stack([
+        source.take(np.array([i]))[0] for i in index])  # row by row: no batching tricks involved
+    buffer = np.zeros((4, *source.shape), np.uint8)
+    assert source.take(index, out=buffer) is buffer
+    np.testing.assert_array_equal(buffer, reference)
+    with pytest.raises(ValueError, match=r"shape \(4, 96, 96, 3\)"):
+        source.take(index, out=np.zeros((3, *source.shape), np.uint8))
+
+
+@pytest.mark.parametrize("codec", ["none", "lzf"])
+def test_hdf5_rows_match_the_shards_whether_chunks_are_mapped_or_decoded(kaggle_src: Path, tmp_path: Path,
+                                                                         codec: str) -> None:
+    build(BuildConfig(src=kaggle_src, out=tmp_path, formats=("wds", "hdf5"), hdf5_codec=codec, chunk_rows=16,
+                      workers=1))
+    wds, h5 = open_source(tmp_path, "train"), open_source(tmp_path, "train", None, "hdf5")
+    index = np.random.default_rng(1).permutation(len(wds))[:40]
+    np.testing.assert_array_equal(h5.take(index), wds.take(index))
+    assert bool(h5._chunks) == (codec == "none")  # unfiltered chunks are memory-mapped; lzf goes through h5py
+
+
+def test_a_row_outside_the_split_is_named(built: Path) -> None:
+    source = open_source(built, "train", [0])
+    with pytest.raises(IndexError, match=f"{len(source)} rows"):
+        source.take(np.array([0, len(source)]))
 
 
 def test_batches_cover_an_epoch_exactly_and_match_the_images(built: Path) -> None:

@@ -126,11 +126,12 @@ def epoch_plan(loader: BatchLoader, steps: int | None = None, worker: int = 0, n
 
 
 def host_batch(loader: BatchLoader, index: np.ndarray, pin: bool) -> HostBatch:
-    batch = loader.batch(index)
-    images = torch.from_numpy(batch.images)
+    """A batch as host tensors; with `pin`, gathered straight into pinned memory (no extra copy)."""
+    images = torch.empty((len(index), *loader.source.shape), dtype=torch.uint8, pin_memory=pin)
+    batch = loader.batch(index, out=images.numpy())
     labels = None if batch.labels is None else torch.from_numpy(batch.labels)
-    if pin:
-        images, labels = images.pin_memory(), None if labels is None else labels.pin_memory()
+    if pin and labels is not None:
+        labels = labels.pin_memory()
     return images, labels, torch.from_numpy(np.asarray(index, dtype=np.int64))
 
 
@@ -226,14 +227,22 @@ class ResidentSplit:
 
     def __init__(self, source: Source, device: torch.device, chunk: int = 4096) -> None:
         n, cuda = len(source), device.type == "cuda"
-        self.images: torch.Tensor | None = None
-        for start in range(0, n, chunk):
-            part = torch.from_numpy(source.take(np.arange(start, min(n, start + chunk))))
-            if self.images is None:
-                self.images = torch.empty((n, *part.shape[1:]), dtype=torch.uint8, device=device)
-            self.images[start : start + len(part)].copy_(part.pin_memory() if cuda else part, non_blocking=cuda)
-        if self.images is None:
+        if not n:
             raise ValueError("cannot keep an empty split resident")
+        shape = source.shape
+        self.images = torch.empty((n, *shape), dtype=torch.uint8, device=device)
+        staging = torch.empty((min(n, chunk), *shape), dtype=torch.uint8, pin_memory=True) if cuda else None
+        for start in range(0, n, chunk):
+            rows = np.arange(start, min(n, start + chunk))
+            if staging is None:  # CPU: gather straight into the resident tensor
+                source.take(rows, out=self.images[start : start + len(rows)].numpy())
+                continue
+            part = staging[: len(rows)]
+            torch.cuda.current_stream(device).synchronize()  # the previous copy out of `staging` is done
+            source.take(rows, out=part.numpy())
+            self.images[start : start + len(rows)].copy_(part, non_blocking=True)
+        if cuda:
+            torch.cuda.current_stream(device).synchronize()
         self.labels = None if source.labels is None else torch.from_numpy(source.labels).to(device).float()
         logger.info("resident: %d images (%.2f GB) on %s", n, self.images.nbytes / 1e9, device)
 
