@@ -1,13 +1,12 @@
 """`pcam-prep train`, `predict` and `bench loader`: parse options, build a config, call one library function.
 
-Runnable on its own (`python -m pcam_prep.cli_train train ...`), which is how torchrun starts it:
-`torchrun --nproc_per_node 2 -m pcam_prep.cli_train train --shards OUT`.
+Registered on the `pcam-prep` group by cli.py; under torchrun the same command runs as
+`torchrun --nproc_per_node 2 -m pcam_prep train --shards OUT`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -80,7 +79,7 @@ def train(compile_: bool, **flags: Any) -> None:
     Example:
       pcam-prep train --shards shards/ --out runs/small --epochs 10
       pcam-prep train --shards shards/ --out runs/small --epochs 12 --resume
-      torchrun --nproc_per_node 4 -m pcam_prep.cli_train train --shards shards/ --arch resnet
+      torchrun --nproc_per_node 4 -m pcam_prep train --shards shards/ --arch resnet
     """
     from .train.loop import train as run_train
 
@@ -195,23 +194,3 @@ def loader(shards: Path, batch_size: int, seconds: float, format: str, seed: int
     line = {"format": format, "batch_size": batch_size, "images": measured["images"], "seconds": measured["seconds"],
             "images_per_s": measured["images_per_s"]}
     click.echo(json.dumps(line))
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
-def commands(verbose: int) -> None:
-    """The training commands on their own (what `torchrun -m pcam_prep.cli_train` runs).
-
-    \b
-    Example:
-      python -m pcam_prep.cli_train train --shards shards/ --epochs 2
-    """
-    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), format="%(levelname)s %(name)s: %(message)s")
-
-
-commands.add_command(train)
-commands.add_command(predict)
-commands.add_command(bench)
-
-if __name__ == "__main__":  # pragma: no cover
-    commands()

@@ -67,17 +67,20 @@ def timed(cmd: list[str], **kw) -> tuple[float, float]:
     return wall, peak / 2**20
 
 
-def contenders(src: Path, work: Path, shard: int, workers: int | None) -> dict[str, callable]:
+def contenders(src: Path, work: Path, shard: int, workers: int | None,
+               cluster: str | None = None) -> dict[str, callable]:
     def fresh(name: str) -> Path:
         path = work / name
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
         return path
 
-    def build(formats: str):
+    def build(formats: str, scheduler: str | None = None):
         extra = ["--workers", str(workers)] if workers else []
+        extra += ["--scheduler", scheduler] if scheduler else []
+        name = f"ours-{formats}" + ("-cluster" if scheduler else "")
         return lambda: timed([sys.executable, "-m", "pcam_prep.cli", "build", "--src", str(src), "--out",
-                              str(fresh(f"ours-{formats}")), "--formats", formats, "--shard-size", str(shard), *extra])
+                              str(fresh(name)), "--formats", formats, "--shard-size", str(shard), *extra])
 
     n_files = sum(1 for _ in src.rglob("*.tif"))
     shard_bytes = n_files * 29_696  # what the wds shards hold: one fixed-size record per image
@@ -89,7 +92,10 @@ def contenders(src: Path, work: Path, shard: int, workers: int | None) -> dict[s
                                                         str(shard)]),
         "pcam-prep build --formats wds": build("wds"),
         "pcam-prep build --formats wds,zarr,hdf5": build("wds,zarr,hdf5"),
-    }
+    } | ({  # the same build on a dask.distributed LocalCluster (its workers' RSS is not in the tree measured)
+        "build --formats wds, LocalCluster": build("wds", cluster),
+        "build --formats wds,zarr,hdf5, LocalCluster": build("wds,zarr,hdf5", cluster),
+    } if cluster else {})
 
 
 def main() -> None:
@@ -102,6 +108,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int)
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="write raw figures here")
+    parser.add_argument("--local-cluster", action="store_true",
+                        help="also time builds on a dask.distributed LocalCluster (one worker process per core)")
     parser.add_argument("--memory-sizes", default="", help="e.g. 5000,20000: peak RSS of a full build at each size")
     args = parser.parse_args()
 
@@ -113,12 +121,20 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "pcam_prep.cli", "synth", str(src), "--train", str(args.train),
                             "--test", str(args.test), "--seed", "7"], check=True)
     n_images = sum(1 for _ in (src / "train").iterdir()) + sum(1 for _ in (src / "test").iterdir())
-    runs = contenders(src, work, args.shard_size, args.workers)
+    cluster = None
+    if args.local_cluster:  # is the processes scheduler (the default) really the faster choice here?
+        from distributed import LocalCluster
+
+        cluster = LocalCluster(n_workers=args.workers or os.cpu_count(), threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+    runs = contenders(src, work, args.shard_size, args.workers, cluster and cluster.scheduler_address)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     runs["cat (floor)"]()  # warm the page cache once for everyone
     for _ in range(args.repeats):
         for name, run in runs.items():
             results[name].append(run())
+    if cluster is not None:
+        cluster.close()
 
     stock = statistics.median(w for w, _ in results["stock: tifffile + ShardWriter"])
     print(f"\n{n_images:,} images, {args.repeats} runs each, median; {platform.node()} "

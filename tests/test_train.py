@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pcam_prep import PcamPrepError
-from pcam_prep.cli_train import commands
+from pcam_prep.cli import main
 from pcam_prep.config import BuildConfig
 from pcam_prep.loader import BatchLoader, open_source
 from pcam_prep.pipeline import build
@@ -105,7 +105,7 @@ def test_a_run_writes_metrics_checkpoints_predictions_and_figures(quality: dict)
 @pytest.mark.parametrize("tta", ["1", "8"])
 def test_predict_writes_a_kaggle_submission(quality: dict, tmp_path: Path, tta: str) -> None:
     out = tmp_path / "submission.csv"
-    result = CliRunner().invoke(commands, ["predict", "--shards", str(quality["out"]), "--checkpoint",
+    result = CliRunner().invoke(main, ["predict", "--shards", str(quality["out"]), "--checkpoint",
                                            str(quality["run"] / "best.pt"), "--out", str(out), "--tta", tta])
     assert result.exit_code == 0, result.output
     lines = out.read_text().splitlines()
@@ -117,7 +117,7 @@ def test_predict_writes_a_kaggle_submission(quality: dict, tmp_path: Path, tta: 
 
 def test_predict_on_a_validation_fold_reports_its_auc(quality: dict, tmp_path: Path) -> None:
     out = tmp_path / "val.csv"
-    result = CliRunner().invoke(commands, ["predict", "--shards", str(quality["out"]), "--checkpoint",
+    result = CliRunner().invoke(main, ["predict", "--shards", str(quality["out"]), "--checkpoint",
                                            str(quality["run"] / "best.pt"), "--split", "val", "--fold", "0",
                                            "--out", str(out), "--tta", "2"])
     assert result.exit_code == 0, result.output
@@ -272,7 +272,7 @@ def test_an_interrupted_run_resumes_mid_epoch_and_ends_where_an_unbroken_one_doe
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(built: Path, tmp_path: Path) -> None:
-    result = CliRunner().invoke(commands, ["train", "--shards", str(built), "--out", str(tmp_path / "none"),
+    result = CliRunner().invoke(main, ["train", "--shards", str(built), "--out", str(tmp_path / "none"),
                                            "--resume", "--device", "cpu"])
     assert result.exit_code != 0 and "last.pt does not exist" in result.output
 
@@ -285,7 +285,7 @@ def test_two_process_gloo_ddp_run_completes_with_uneven_ranks(tmp_path: Path) ->
     batch = train_rows // 2  # rank 0 gets batch + 1 rows (two steps), rank 1 batch rows: padded to two steps
     run = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "pcam_prep.cli_train", "train", "--shards", str(tmp_path / "out"), "--out", str(run),
+               "-m", "pcam_prep", "train", "--shards", str(tmp_path / "out"), "--out", str(run),
                "--epochs", "2", "--val-fold", str(val_fold), "--width", "4", "--batch-size", str(batch),
                "--device", "cpu"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
@@ -297,7 +297,7 @@ def test_two_process_gloo_ddp_run_completes_with_uneven_ranks(tmp_path: Path) ->
 
 
 def test_bench_loader_prints_one_json_line_ending_in_images_per_s(built: Path) -> None:
-    result = CliRunner().invoke(commands, ["bench", "loader", "--shards", str(built), "--seconds", "0.2",
+    result = CliRunner().invoke(main, ["bench", "loader", "--shards", str(built), "--seconds", "0.2",
                                            "--batch-size", "32"])
     assert result.exit_code == 0, result.output
     line = json.loads(result.output)
@@ -306,12 +306,12 @@ def test_bench_loader_prints_one_json_line_ending_in_images_per_s(built: Path) -
 
 @pytest.mark.parametrize("args", [["train"], ["predict"], ["bench"], ["bench", "loader"], []])
 def test_every_training_command_documents_itself_with_an_example(args: list[str]) -> None:
-    result = CliRunner().invoke(commands, [*args, "--help"])
+    result = CliRunner().invoke(main, [*args, "--help"])
     assert result.exit_code == 0 and "Example:" in result.output
 
 
 def test_a_missing_validation_fold_is_named(built: Path, tmp_path: Path) -> None:
-    result = CliRunner().invoke(commands, ["train", "--shards", str(built), "--out", str(tmp_path / "r"),
+    result = CliRunner().invoke(main, ["train", "--shards", str(built), "--out", str(tmp_path / "r"),
                                            "--val-fold", "7", "--device", "cpu"])
     assert result.exit_code != 0 and "val_fold 7" in result.output and "Traceback" not in result.output
 
