@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .cli_common import Bars, friendly_errors
+from .cli_common import SCHEDULER_HELP, Bars, friendly_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -132,8 +132,8 @@ def _split_formats(ctx: click.Context, param: click.Parameter, value: str | None
                    "torchvision.datasets.PCAM (labelled splits only).")
 @click.option("--keep-blank", is_flag=True, default=None, help="Keep all-black/all-white patches.")
 @click.option("--strict", is_flag=True, default=None, help="Exit with status 3 if anything was rejected.")
-@click.option("--workers", type=int, help="Local worker threads  [default: one per core]")
-@click.option("--scheduler", help="threads | processes | sync | tcp://HOST:PORT (dask.distributed)  [default: threads]")
+@click.option("--workers", type=click.IntRange(min=1), help="Local worker processes  [default: one per core]")
+@click.option("--scheduler", help=SCHEDULER_HELP)
 @click.option("--batch-size", type=int, help="Files per Dask task  [default: 2048]")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Run spec TOML with a [build] table; flags override it.")

@@ -44,3 +44,7 @@ class Bars:
     def close(self) -> None:
         for bar in self.bars.values():
             bar.close()
+
+
+SCHEDULER_HELP = ("processes (the default: measured fastest here) | threads | sync | local (a dask.distributed "
+                  "LocalCluster of --workers processes) | tcp://HOST:PORT (an existing dask.distributed cluster)")

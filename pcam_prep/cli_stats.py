@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .cli_common import Bars, friendly_errors
+from .cli_common import SCHEDULER_HELP, Bars, friendly_errors
 
 
 @click.command()
@@ -19,7 +19,7 @@ from .cli_common import Bars, friendly_errors
 @click.option("--run", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Trainer run folder whose curves/ROC/confusion figures the report includes (needs --report).")
 @click.option("--workers", type=click.IntRange(min=1), help="Parallel workers  [default: one per core]")
-@click.option("--scheduler", help="threads | processes | sync | tcp://HOST:PORT (dask.distributed)")
+@click.option("--scheduler", help=SCHEDULER_HELP)
 @click.option("--sample-per-label", type=click.IntRange(min=1), default=16, show_default=True,
               help="Patches per label in the report's sample grid.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for picking the sample patches.")

@@ -25,7 +25,7 @@ from . import PcamPrepError
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
-LOCAL_SCHEDULERS = ("threads", "processes", "sync")
+LOCAL_SCHEDULERS = ("threads", "processes", "sync", "local")  # local: a dask.distributed LocalCluster of our own
 
 
 class _TaskCounter(Callback):
@@ -86,10 +86,12 @@ class Executor(AbstractContextManager):
         self.scheduler = scheduler or ("processes" if workers > 1 else "sync")
         self.workers = workers
         self.progress = progress
-        self.client = None
+        self.client = self.cluster = None
         self.timings: dict[str, float] = {}  # wall seconds per stage, for run.json
         self.pool: ProcessPoolExecutor | None = None
-        if self.scheduler in LOCAL_SCHEDULERS:
+        if self.scheduler == "local":
+            self.cluster, self.client = _local_cluster(workers, preload)
+        elif self.scheduler in LOCAL_SCHEDULERS:
             keep_freed_memory()
         else:
             self.client = _connect(self.scheduler)
@@ -105,6 +107,8 @@ class Executor(AbstractContextManager):
     def __exit__(self, *exc: object) -> None:
         if self.client is not None:
             self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
         if self._limits is not None:
@@ -112,6 +116,8 @@ class Executor(AbstractContextManager):
 
     @property
     def description(self) -> str:
+        if self.cluster is not None:
+            return f"dask.distributed LocalCluster, {self.workers} worker process(es)"
         if self.client is not None:
             return f"dask.distributed at {self.scheduler}"
         return f"dask {self.scheduler} scheduler, {self.workers} worker(s)"
@@ -160,6 +166,17 @@ def _process_context() -> multiprocessing.context.BaseContext:
     if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context("spawn")
+
+
+def _local_cluster(workers: int, preload: tuple[str, ...]):
+    """A LocalCluster of `workers` single-threaded processes, set up like the processes scheduler's pool."""
+    from dask.distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                           silence_logs=logging.ERROR)
+    client = Client(cluster)
+    client.run(init_worker, preload)  # our own workers: tune them like the pool's (never done to a shared cluster)
+    return cluster, client
 
 
 def _connect(address: str):

@@ -68,7 +68,7 @@ def timed(cmd: list[str], **kw) -> tuple[float, float]:
 
 
 def contenders(src: Path, work: Path, shard: int, workers: int | None,
-               cluster: str | None = None) -> dict[str, callable]:
+               local_cluster: bool = False) -> dict[str, callable]:
     def fresh(name: str) -> Path:
         path = work / name
         shutil.rmtree(path, ignore_errors=True)
@@ -92,10 +92,10 @@ def contenders(src: Path, work: Path, shard: int, workers: int | None,
                                                         str(shard)]),
         "pcam-prep build --formats wds": build("wds"),
         "pcam-prep build --formats wds,zarr,hdf5": build("wds,zarr,hdf5"),
-    } | ({  # the same build on a dask.distributed LocalCluster (its workers' RSS is not in the tree measured)
-        "build --formats wds, LocalCluster": build("wds", cluster),
-        "build --formats wds,zarr,hdf5, LocalCluster": build("wds,zarr,hdf5", cluster),
-    } if cluster else {})
+    } | ({  # the default's rival: a dask.distributed LocalCluster started by the build itself
+        "pcam-prep build --formats wds --scheduler local": build("wds", "local"),
+        "pcam-prep build --formats wds,zarr,hdf5 --scheduler local": build("wds,zarr,hdf5", "local"),
+    } if local_cluster else {})
 
 
 def main() -> None:
@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="write raw figures here")
     parser.add_argument("--local-cluster", action="store_true",
-                        help="also time builds on a dask.distributed LocalCluster (one worker process per core)")
+                        help="also time builds with --scheduler local (a dask.distributed LocalCluster)")
     parser.add_argument("--memory-sizes", default="", help="e.g. 5000,20000: peak RSS of a full build at each size")
     args = parser.parse_args()
 
@@ -121,20 +121,12 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "pcam_prep.cli", "synth", str(src), "--train", str(args.train),
                             "--test", str(args.test), "--seed", "7"], check=True)
     n_images = sum(1 for _ in (src / "train").iterdir()) + sum(1 for _ in (src / "test").iterdir())
-    cluster = None
-    if args.local_cluster:  # is the processes scheduler (the default) really the faster choice here?
-        from distributed import LocalCluster
-
-        cluster = LocalCluster(n_workers=args.workers or os.cpu_count(), threads_per_worker=1, processes=True,
-                               dashboard_address=None)
-    runs = contenders(src, work, args.shard_size, args.workers, cluster and cluster.scheduler_address)
+    runs = contenders(src, work, args.shard_size, args.workers, args.local_cluster)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     runs["cat (floor)"]()  # warm the page cache once for everyone
     for _ in range(args.repeats):
         for name, run in runs.items():
             results[name].append(run())
-    if cluster is not None:
-        cluster.close()
 
     stock = statistics.median(w for w, _ in results["stock: tifffile + ShardWriter"])
     print(f"\n{n_images:,} images, {args.repeats} runs each, median; {platform.node()} "

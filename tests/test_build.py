@@ -164,7 +164,7 @@ def outputs_digest(out: Path) -> dict[str, str]:
     return {f["path"]: f["sha256"] for f in manifest(out)["files"]}
 
 
-@pytest.mark.parametrize("scheduler,workers", [("sync", 1), ("threads", 2), ("processes", 2)])
+@pytest.mark.parametrize("scheduler,workers", [("sync", 1), ("threads", 2), ("processes", 2), ("local", 2)])
 def test_same_bytes_whatever_the_scheduler(kaggle_src: Path, built: Path, tmp_path: Path, scheduler, workers) -> None:
     out = tmp_path / "again"
     build(BuildConfig(src=kaggle_src, out=out, shard_size=16, chunk_rows=8, folds=3, seed=1,
