@@ -131,6 +131,8 @@ def _split_formats(ctx: click.Context, param: click.Parameter, value: str | None
               help="Also write OUT/pcam/camelyonpatch_level_2_split_{train,val,test}_{x,y}.h5 for "
                    "torchvision.datasets.PCAM (labelled splits only).")
 @click.option("--keep-blank", is_flag=True, default=None, help="Keep all-black/all-white patches.")
+@click.option("--near-duplicates", is_flag=True, default=None,
+              help="Also treat flipped/rotated copies (8 dihedral transforms) as duplicates; one more read pass.")
 @click.option("--strict", is_flag=True, default=None, help="Exit with status 3 if anything was rejected.")
 @click.option("--workers", type=click.IntRange(min=1), help="Local worker processes  [default: one per core]")
 @click.option("--scheduler", help=SCHEDULER_HELP)

@@ -39,6 +39,7 @@ class BuildConfig:
     torchvision_names: bool = False  # also write OUT/pcam/camelyonpatch_level_2_split_*_{x,y}.h5 (labelled splits)
     image_size: int = IMAGE_SIZE  # expected height and width; anything else is rejected
     keep_blank: bool = False  # keep all-black / all-white patches instead of rejecting them
+    near_duplicates: bool = False  # also find flipped/rotated copies (one more read of every kept image)
     strict: bool = False  # exit non-zero when anything was rejected
     batch_size: int = 2048  # files per Dask task; thousands amortise the ~1 ms task cost
     workers: int | None = None  # local threads; default: one per core

@@ -28,7 +28,7 @@ from dask import delayed
 
 from . import PcamPrepError
 from .config import BuildConfig
-from .dedup import Dedup, dedup
+from .dedup import Dedup, dedup, dedup_dihedral, dihedral_digests
 from .executor import Executor, ProgressFn
 from .folds import assign_folds
 from .schema import (
@@ -105,6 +105,10 @@ def analyse(config: BuildConfig, executor: Executor, clock: _Clock | None = None
     decoded, rejects, moments = inspect(executor, inventory, shape, config)
     clock.lap("decode")
     result = dedup(decoded, inventory.specs)
+    if config.near_duplicates:
+        result = dedup_dihedral(result, dihedral_stage(executor, result, inventory.reader, shape, config),
+                                inventory.specs)
+        clock.lap("dihedral")
     moments = kept_moments(moments, inventory.reader, result.dropped, shape)
     groups, group_by = fold_groups(config, result.train)
     train = result.train
@@ -190,6 +194,17 @@ def inspect(executor: Executor, inventory: Inventory, shape: tuple[int, int, int
     rejects = pd.concat(rejects, ignore_index=True)[REJECT_COLUMNS].sort_values(["reason", "id"], ignore_index=True)
     moments = merge([r.moments for r in reports if r.moments is not None])
     return frames, rejects, moments
+
+
+def dihedral_stage(executor: Executor, result: Dedup, reader: RowReader, shape, config: BuildConfig):
+    """Dihedral digests of every kept image, per split (id -> digest), in tasks of `batch_size` images."""
+    parts = [(name, frame.iloc[start : start + config.batch_size]) for name, frame in result.kept.items()
+             for start in range(0, len(frame), config.batch_size)]
+    tasks = [delayed(dihedral_digests, pure=False)(reader.rows(rows), shape) for _, rows in parts]
+    found: dict[str, list[pd.Series]] = {name: [] for name in result.kept}
+    for (name, rows), digests in zip(parts, executor.run("dihedral", tasks, [len(rows) for _, rows in parts])):
+        found[name].append(pd.Series(digests, index=rows["id"].to_numpy(), dtype=object))
+    return {name: pd.concat(series) if series else pd.Series(dtype=object) for name, series in found.items()}
 
 
 def kept_moments(decoded: Moments, reader: RowReader, dropped: pd.DataFrame, shape) -> Moments:
