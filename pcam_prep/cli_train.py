@@ -58,7 +58,7 @@ device_option = click.option("--device", type=click.Choice(DEVICES), default="au
 @device_option
 @_opt(TrainConfig, "--seed", int, "Seed for init, order, augmentation, dropout.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt, mid-epoch if it was saved mid-epoch.")
-@click.option("--patience", type=int, help="Stop after N epochs without a better val AUC  [default: never]")
+@_opt(TrainConfig, "--patience", click.IntRange(min=0), "Stop after N epochs without a better val AUC (0: never).")
 @format_option
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="DataLoader worker processes; 0 reads in-process (memory-mapped: fastest).")

@@ -271,6 +271,17 @@ def test_an_interrupted_run_resumes_mid_epoch_and_ends_where_an_unbroken_one_doe
         assert torch.equal(resumed[key], whole[key]), key
 
 
+def test_training_stops_after_patience_epochs_without_a_better_auc(built: Path, tmp_path: Path) -> None:
+    # lr ~ 0: the weights barely move, so the val AUC stalls (it moves only with BN statistics)
+    metrics = train(TrainConfig(shards=built, out=tmp_path / "run", epochs=8, patience=2, lr=1e-9, **TINY))
+    aucs = [e["val_auc"] for e in metrics["epochs"]]
+    assert len(aucs) < 8, aucs
+    best = metrics["best_epoch"]
+    assert len(aucs) == best + 2 and max(aucs[best:]) <= aucs[best - 1], aucs
+    with pytest.raises(PcamPrepError, match="patience"):
+        TrainConfig(shards=built, patience=-1)
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(built: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["train", "--shards", str(built), "--out", str(tmp_path / "none"),
                                            "--resume", "--device", "cpu"])

@@ -31,7 +31,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     seed: int = 0  # model init, batch order, augmentation and dropout all follow from it
     resume: bool = False  # continue from OUT/last.pt (model, optimiser, schedule, step, RNG state)
-    patience: int | None = None  # stop after this many epochs without a better val AUC; None: never
+    patience: int = 5  # stop after this many epochs without a better val AUC; 0: never stop early
     format: str = "wds"  # which built copy to read: wds | zarr | hdf5
     workers: int = 0  # DataLoader worker processes; 0 reads in-process (memory-mapped: the fastest)
     resident: bool | None = None  # keep the uint8 train split on the device; None: when it fits
@@ -46,7 +46,9 @@ class TrainConfig:
         _check_choice("format", self.format, FORMATS)
         _check_positive(epochs=self.epochs, batch_size=self.batch_size, checkpoint_every=self.checkpoint_every,
                         log_every=self.log_every)
-        _check_positive(width=self.width, patience=self.patience, allow_none=True)
+        _check_positive(width=self.width, allow_none=True)
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 0:
+            raise PcamPrepError(f"patience must be an integer >= 0 (0: never stop early), got {self.patience!r}")
         if self.val_fold < 0:
             raise PcamPrepError(f"val_fold must be >= 0, got {self.val_fold!r}")
         if self.workers < 0:

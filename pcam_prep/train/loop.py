@@ -116,7 +116,7 @@ def train(config: TrainConfig, progress: Callable[[Progress], None] | None = Non
         report = progress if rank == 0 else None
         for epoch in range(run.state.epoch, config.epochs):
             run_epoch(run, epoch, report)
-            if config.patience is not None and epoch + 1 - run.state.best_epoch >= config.patience:
+            if config.patience and epoch + 1 - run.state.best_epoch >= config.patience:
                 logger.info("no better val AUC for %d epochs: stopping after epoch %d", config.patience, epoch)
                 break
         return metrics(run)
