@@ -38,6 +38,7 @@ from .schema import (
     ZARR_NAME,
     SampleLayout,
 )
+from .sources.base import stamps_of
 from .sources.kaggle import KaggleLayout, resolve_layout
 from .validate import load_images
 from .writers.manifest import read_manifest, safe_relpath
@@ -178,7 +179,7 @@ def find_raw(src: Path, executor: Executor, options: EdaOptions) -> _Found:
         for start in range(0, len(frame), BLOCK_ROWS):
             rows = slice(start, start + BLOCK_ROWS)
             blocks.append(Block("files", "", split, found.shape, files=tuple(frame["path"].iloc[rows]),
-                                stamps=tuple(tuple(s) for s in frame["stamp"].iloc[rows]), labels=tuple(labels[rows])))
+                                stamps=tuple(stamps_of(frame.iloc[rows])), labels=tuple(labels[rows])))
     layout = resolve_layout(src)
     return _Found(manifest, "tif", blocks, found.rejects, found.dedup.duplicates, layout)
 

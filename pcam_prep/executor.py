@@ -98,6 +98,9 @@ class Executor(AbstractContextManager):
         if self.scheduler == "processes":
             self.pool = ProcessPoolExecutor(workers, mp_context=_process_context(), initializer=init_worker,
                                             initargs=(preload,))
+            # Start the workers now, while this process is small: forked later (at the first task,
+            # after the scan) each would inherit the whole inventory, and RSS would grow with it.
+            self.pool.submit(int).result()
         self._limits = None
         if self.scheduler == "threads":
             from threadpoolctl import threadpool_limits

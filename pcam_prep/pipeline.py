@@ -75,7 +75,7 @@ class BuildSummary:
 class Analysis:
     """Everything a build knows before it writes: what is kept, in output order, and why not."""
 
-    # Per split, in spec order, the kept rows: id, path, [row], [label], [group], digest, stamp, and
+    # Per split, in spec order, the kept rows: id, path, [row], [label], [group], digest, size, mtime_ns, and
     # for train fold. Train is ordered by (fold, id), every other split by id.
     splits: dict[str, pd.DataFrame]
     specs: tuple[SplitSpec, ...]
@@ -179,8 +179,10 @@ def inspect(executor: Executor, inventory: Inventory, shape: tuple[int, int, int
             rows = rows.assign(id=report.digests)
         ok = report.ok
         good = rows[ok].copy()
-        good["digest"] = [d for d, keep in zip(report.digests, ok) if keep]
-        good["stamp"] = [s for s, keep in zip(report.stamps, ok) if keep]
+        # Kaggle ids are the digests: share the id's string instead of holding a second copy
+        good["digest"] = [i if i == d else d for i, d in zip(good["id"], (d for d, k in zip(report.digests, ok) if k))]
+        stamps = np.array([s for s, keep in zip(report.stamps, ok) if keep], np.int64).reshape(-1, 2)
+        good["size"], good["mtime_ns"] = stamps[:, 0], stamps[:, 1]  # two int64 columns: no tuple per image
         kept[spec.name].append(good)
         bad = ~ok
         rejects.append(pd.DataFrame({
@@ -219,7 +221,7 @@ def _labels_int8(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _empty(spec: SplitSpec) -> pd.DataFrame:
-    columns = {"id": [], "path": [], "digest": [], "stamp": []}
+    columns = {"id": [], "path": [], "digest": [], "size": [], "mtime_ns": []}
     if spec.labelled:
         columns["label"] = []
     return pd.DataFrame(columns)

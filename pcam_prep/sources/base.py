@@ -35,6 +35,11 @@ class RowReader(Protocol):
         """The write-stage source of `frame`'s rows, in frame order (write.Files or pcam_h5.H5Rows)."""
 
 
+def stamps_of(frame: pd.DataFrame) -> list[tuple[int, int]]:
+    """The (size, mtime_ns) each kept row had at inspection, as the write stage checks them."""
+    return list(zip(frame["size"].tolist(), frame["mtime_ns"].tolist()))
+
+
 @dataclass(frozen=True)
 class Inventory:
     """Rows to inspect, per split, plus what was refused before reading any pixel."""

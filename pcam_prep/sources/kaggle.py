@@ -17,7 +17,7 @@ from .. import PcamPrepError
 from ..schema import KAGGLE_SPLITS, is_safe_id
 from ..validate import inspect_batch
 from ..write import Files
-from .base import REJECT_COLUMNS, Inventory
+from .base import REJECT_COLUMNS, Inventory, stamps_of
 from .base import reject_row as _reject
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class TifReader:
         return [os.path.relpath(p, root) for p in rows["path"]]
 
     def rows(self, frame: pd.DataFrame) -> Files:
-        return Files(list(frame["path"]), list(frame["stamp"]))
+        return Files(list(frame["path"]), stamps_of(frame))
 
 
 def resolve_layout(src: Path, labels: Path | None = None, test: Path | None = None,

@@ -25,7 +25,7 @@ from .. import PcamPrepError
 from ..schema import PCAM_SPLITS
 from ..stats import channel_moments
 from ..validate import BatchReport, SourceChanged, blank_mask
-from .base import REJECT_COLUMNS, Inventory
+from .base import REJECT_COLUMNS, Inventory, stamps_of
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class H5Reader:
     def rows(self, frame: pd.DataFrame) -> H5Rows:
         if frame.empty:
             return H5Rows("", (-1, -1), np.zeros(0, np.int64))
-        stamps = {tuple(s) for s in frame["stamp"]}
+        stamps = set(stamps_of(frame))
         if len(stamps) > 1:
             raise SourceChanged(f"{_one_path(frame)} changed while it was inspected (size/mtime {sorted(stamps)})")
         return H5Rows(_one_path(frame), stamps.pop(), frame["row"].to_numpy(np.int64))
