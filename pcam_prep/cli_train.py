@@ -47,7 +47,7 @@ device_option = click.option("--device", type=click.Choice(DEVICES), default="au
 @_opt(TrainConfig, "--out", click.Path(file_okay=False, path_type=Path),
       "Run folder for checkpoints, metrics.json, figures.")
 @_opt(TrainConfig, "--val-fold", int, "Validation fold; the others train.")
-@_opt(TrainConfig, "--epochs", int, "Total epochs (a resumed run stops here too).")
+@_opt(TrainConfig, "--epochs", int, "Total epochs; with --resume, more than before stretches the cosine schedule.")
 @_opt(TrainConfig, "--arch", click.Choice(ARCHS), "small: 3-block CNN; resnet: ResNet-18-like.")
 @click.option("--width", type=int, help="First-stage channels  [default: small 32, resnet 64]")
 @_opt(TrainConfig, "--batch-size", int, "Images per step per process.")

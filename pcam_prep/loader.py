@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,9 @@ class Source:
         raise NotImplementedError
 
     def _out(self, index: np.ndarray, out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+        """Check `index` against this source's rows (no negative wrap-around) and give the output array."""
+        if len(index) and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows: {index.min()}..{index.max()}")
         wanted = (len(index), *shape)
         if out is None:
             return np.empty(wanted, np.uint8)
@@ -179,8 +183,6 @@ class WdsSource(Source):
         # measured ~1.8x slower; np.take(out=) on the strided views is ~100x slower still.
         index = np.asarray(index)
         out = self._out(index, out, self.shape)
-        if len(index) and (index.min() < 0 or index.max() >= len(self)):
-            raise IndexError(f"row index out of range for {len(self)} rows: {index.min()}..{index.max()}")
         if self._views is None:
             self._views = [shard.images for shard in self.shards]
         shard_of = np.searchsorted(self.starts, index, side="right") - 1
@@ -232,7 +234,7 @@ class ArraySource(Source):
                  spec: SplitSpec | None = None) -> None:
         self.path, self.kind, self.split = Path(path), kind, split
         spec = spec or SplitSpec(split, split == "train", split == "train")
-        self._handle = None
+        self._handle, self._pid = None, os.getpid()
         self._chunks: tuple[list[np.ndarray], int] | bool | None = None  # mapped HDF5 chunks; False: not mappable
         group = self._group()
         ids = np.asarray(group[f"{split}/id"][:])
@@ -246,7 +248,10 @@ class ArraySource(Source):
         self.shape = tuple(group[f"{split}/x"].shape[1:])
 
     def _group(self):
+        if self._handle is not None and self._pid != os.getpid():  # a forked DataLoader worker: own handle
+            self._handle = self._chunks = None
         if self._handle is None:
+            self._pid = os.getpid()
             if self.kind == "zarr":
                 import zarr
 
@@ -258,8 +263,9 @@ class ArraySource(Source):
         return self._handle
 
     def take(self, index: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        index = np.asarray(index)
+        out = self._out(index, out, self.shape)
         rows = self.rows[index]
-        out = self._out(rows, out, self.shape)
         x = self._group()[f"{self.split}/x"]
         if self.kind == "hdf5" and self._chunks is None:
             self._chunks = mapped_hdf5_chunks(x) or False
@@ -351,10 +357,20 @@ class BatchLoader:
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
 
-    def plan(self, worker: int = 0, num_workers: int = 1) -> list[np.ndarray]:
+    def plan(self, worker: int = 0, num_workers: int = 1, pad_to: int | None = None) -> list[np.ndarray]:
+        """This rank's batches from `start_step` on, dealt round-robin to DataLoader workers.
+
+        `pad_to` first pads the whole epoch to that many batches by repeating its first sample
+        as a batch of one (as torch's DistributedSampler pads): under DDP every rank must run
+        the same number of steps, and a rank can hold one sample, so one batch, fewer than rank 0.
+        """
         batches = batch_plan(len(self.source), self.batch_size, seed=self.seed, epoch=self.epoch,
                              shuffle=self.shuffle, rank=self.rank, world_size=self.world_size,
                              drop_last=self.drop_last)
+        if pad_to is not None:
+            if len(batches) > pad_to or (pad_to and not batches):
+                raise ValueError(f"this rank has {len(batches)} batches; cannot make {pad_to} from them")
+            batches += [batches[0][:1]] * (pad_to - len(batches))
         return batches[self.start_step :][worker::num_workers]
 
     def __len__(self) -> int:

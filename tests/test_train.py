@@ -12,6 +12,8 @@ import csv
 import dataclasses
 import itertools
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -27,7 +29,7 @@ from hypothesis import strategies as st
 from pcam_prep import PcamPrepError
 from pcam_prep.cli import main
 from pcam_prep.config import BuildConfig
-from pcam_prep.loader import BatchLoader, open_source
+from pcam_prep.loader import BatchLoader, Source, open_source
 from pcam_prep.pipeline import build
 from pcam_prep.schema import CENTRE
 from pcam_prep.synth import write_kaggle
@@ -186,6 +188,23 @@ def test_a_short_ddp_rank_is_padded_to_the_common_step_count(built: Path) -> Non
         epoch_plan(loaders[0], steps - 1)
 
 
+class _Rows(Source):
+    """n rows and nothing else: enough for batch plans."""
+
+    def __init__(self, n: int) -> None:
+        self.ids, self.labels, self.shape = np.arange(n).astype(str).astype(object), None, (96, 96, 3)
+
+
+def test_a_short_rank_resumed_at_its_last_step_still_gets_the_padding_batch() -> None:
+    # 9 rows, 2 ranks, batches of 4: rank 0 holds 5 rows (2 batches), rank 1 holds 4 (1 batch, padded to 2)
+    whole = [epoch_plan(BatchLoader(_Rows(9), 4, rank=r, world_size=2), 2) for r in range(2)]
+    assert [len(p) for p in whole] == [2, 2] and len(whole[1][1]) == 1 and whole[1][1][0] == whole[1][0][0]
+    for rank in range(2):
+        loader = BatchLoader(_Rows(9), 4, rank=rank, world_size=2, start_step=1)
+        resumed = epoch_plan(loader, 2)
+        assert len(resumed) == 1 and np.array_equal(resumed[0], whole[rank][1])  # the same batch as unbroken
+
+
 def test_normalise_gives_channels_last_float_with_the_manifest_stats() -> None:
     images = torch.randint(0, 256, (4, 96, 96, 3), dtype=torch.uint8)
     norm = Normalise([0.5, 0.4, 0.3], [0.2, 0.1, 0.3], CPU)
@@ -250,20 +269,29 @@ def test_resume_continues_the_epoch_count(built: Path, tmp_path: Path) -> None:
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
 
 
-def test_an_interrupted_run_resumes_mid_epoch_and_ends_where_an_unbroken_one_does(built: Path,
-                                                                                   tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["exception", "sigint"])
+def test_an_interrupted_run_resumes_mid_epoch_and_ends_where_an_unbroken_one_does(built: Path, tmp_path: Path,
+                                                                                   how: str) -> None:
     config = TrainConfig(shards=built, out=tmp_path / "whole", epochs=2, log_every=1, resident=False, **TINY)
     train(config)
 
+    carried_on = []
+
     def interrupt(event) -> None:
         if event.epoch == 1 and event.step == 2:
-            raise KeyboardInterrupt
+            if how == "sigint":  # a real Ctrl-C is deferred: the step finishes, then the loop stops and saves
+                os.kill(os.getpid(), signal.SIGINT)
+                carried_on.append(True)
+            else:
+                raise KeyboardInterrupt
 
     broken = dataclasses.replace(config, out=tmp_path / "broken")
     with pytest.raises(KeyboardInterrupt):
         train(broken, progress=interrupt)
     last = torch.load(tmp_path / "broken" / "last.pt", weights_only=True)
     assert (last["state"]["epoch"], last["state"]["step"]) == (1, 2)
+    assert carried_on == ([True] if how == "sigint" else [])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is gone again
     train(dataclasses.replace(broken, resume=True))
     whole, resumed = (torch.load(tmp_path / name / "last.pt", weights_only=True)["model"] for name in ("whole",
                                                                                                        "broken"))
@@ -280,6 +308,13 @@ def test_training_stops_after_patience_epochs_without_a_better_auc(built: Path, 
     assert len(aucs) == best + 2 and max(aucs[best:]) <= aucs[best - 1], aucs
     with pytest.raises(PcamPrepError, match="patience"):
         TrainConfig(shards=built, patience=-1)
+
+
+def test_resume_refuses_a_checkpoint_trained_with_other_settings(built: Path, tmp_path: Path) -> None:
+    train(TrainConfig(shards=built, out=tmp_path / "run", epochs=1, **TINY))
+    changed = TrainConfig(shards=built, out=tmp_path / "run", epochs=2, resume=True, **{**TINY, "batch_size": 8})
+    with pytest.raises(PcamPrepError, match="batch_size 16 -> 8"):
+        train(changed)
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(built: Path, tmp_path: Path) -> None:

@@ -110,19 +110,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
 def epoch_plan(loader: BatchLoader, steps: int | None = None, worker: int = 0, num_workers: int = 1) -> list[np.ndarray]:
-    """`loader.plan(worker, num_workers)`, the rank's plan first padded to `steps` batches.
-
-    Under DDP a rank can hold one sample fewer than rank 0 and so, rarely, one batch fewer;
-    every rank must run the same number of steps (each is an all-reduce), so a short rank
-    repeats its first sample as a batch of one, as torch's DistributedSampler pads.
-    """
-    if steps is None:
-        return loader.plan(worker, num_workers)
-    plan = loader.plan()  # plan(w, W) is plan()[w::W]: pad first, then deal out
-    if len(plan) > steps or (steps and not plan):
-        raise ValueError(f"this rank has {len(plan)} batches; cannot make {steps} from them")
-    plan += [plan[0][:1]] * (steps - len(plan))
-    return plan[worker::num_workers]
+    """The rest of the epoch from the loader's start_step, its whole plan padded to `steps` batches first."""
+    return loader.plan(worker, num_workers, pad_to=steps)
 
 
 def host_batch(loader: BatchLoader, index: np.ndarray, pin: bool) -> HostBatch:
@@ -168,7 +157,7 @@ def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
                 if not put(("item", item)):
                     return
             put(("end", None))
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
             put(("error", exc))
 
     thread = threading.Thread(target=work, name="pcam-prefetch", daemon=True)
@@ -190,7 +179,9 @@ def _start_copy(host: HostBatch, device: torch.device, stream: Any) -> tuple[Dev
     images, labels, index = host
     if device.type != "cuda":
         return DeviceBatch(images, None if labels is None else labels.float(), index.numpy()), None
-    with torch.cuda.stream(stream):
+    # torch.cuda.device too: on this (prefetch) thread the current device is 0, and leaving a bare
+    # stream context would switch to it, opening a CUDA context on GPU 0 in every DDP rank
+    with torch.cuda.device(device), torch.cuda.stream(stream):
         images = images.to(device, non_blocking=True)
         labels = None if labels is None else labels.to(device, non_blocking=True).float()
         done = torch.cuda.Event()
@@ -259,14 +250,17 @@ class ResidentSplit:
             yield DeviceBatch(self.images.index_select(0, rows), labels, index)
 
 
-def resident_fits(nbytes: int, device: torch.device) -> bool:
-    """Whether `nbytes` fit comfortably: half the free GPU memory, or a quarter of the available RAM."""
+def resident_fits(nbytes: int, device: torch.device, copies: int = 1) -> bool:
+    """Whether `nbytes` fit comfortably: half the free GPU memory, or a quarter of the available RAM.
+
+    `copies`: processes on this host that each keep their own copy (CPU ranks under torchrun).
+    """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return nbytes < free // 2
     import psutil
 
-    return nbytes < psutil.virtual_memory().available // 4
+    return nbytes * copies < psutil.virtual_memory().available // 4
 
 
 def loader_throughput(loader: BatchLoader, seconds: float) -> dict[str, float]:

@@ -18,6 +18,8 @@ import functools
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -112,14 +114,17 @@ def train(config: TrainConfig, progress: Callable[[Progress], None] | None = Non
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     run = None
     try:
-        run = setup(config, rank, world, device)
-        report = progress if rank == 0 else None
-        for epoch in range(run.state.epoch, config.epochs):
-            run_epoch(run, epoch, report)
-            if config.patience and epoch + 1 - run.state.best_epoch >= config.patience:
-                logger.info("no better val AUC for %d epochs: stopping after epoch %d", config.patience, epoch)
-                break
-        return metrics(run)
+        with deferred_interrupt() as interrupted:
+            run = setup(config, rank, world, device)
+            report = progress if rank == 0 else None
+            for epoch in range(run.state.epoch, config.epochs):
+                run_epoch(run, epoch, report, interrupted)
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
+                if config.patience and epoch + 1 - run.state.best_epoch >= config.patience:
+                    logger.info("no better val AUC for %d epochs: stopping after epoch %d", config.patience, epoch)
+                    break
+            return metrics(run)
     except KeyboardInterrupt:
         if run is not None and rank == 0:
             save_last(run)  # `--resume` continues from this very step
@@ -131,12 +136,37 @@ def train(config: TrainConfig, progress: Callable[[Progress], None] | None = Non
             torch_dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Turn the first Ctrl-C into a flag the loop checks between steps; a second one stops at once.
+
+    A KeyboardInterrupt raised mid-step could land between optimizer.step() and the step
+    counter, and `--resume` would then apply that update twice.
+    """
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+        yield flag
+        return
+
+    def handle(signum, frame) -> None:
+        flag.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        logger.warning("interrupted: finishing this step, then saving last.pt (Ctrl-C again to stop now)")
+
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def setup(config: TrainConfig, rank: int, world: int, device: torch.device) -> Run:
     train_source, val_source = fold_sources(config.shards, config.val_fold, config.format, world)
     manifest = read_manifest(config.shards)
     nbytes = len(train_source) * int(np.prod(manifest["image_shape"]))
-    resident = config.resident if config.resident is not None else not config.workers and resident_fits(nbytes,
-                                                                                                        device)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # each CPU rank on this host holds its own copy
+    resident = config.resident if config.resident is not None else (
+        not config.workers and resident_fits(nbytes, device, copies=local_ranks))
     config = dataclasses.replace(config, device=device.type, width=config.width or DEFAULT_WIDTHS[config.arch],
                                  resident=resident)  # resolved: saved with metrics and checkpoints
     if device.type == "cuda":
@@ -146,7 +176,7 @@ def setup(config: TrainConfig, rank: int, world: int, device: torch.device) -> R
     model = build_model(config.arch, config.width).to(device, memory_format=torch.channels_last)
     steps = len(BatchLoader(train_source, config.batch_size, rank=0, world_size=world))  # rank 0 has the most
     optimizer, scheduler = make_optimizer(model, config, steps * config.epochs)
-    state = restore(config, model, optimizer, scheduler, device) if config.resume else RunState()
+    state = restore(config, model, optimizer, scheduler, device, world) if config.resume else RunState()
     stats = manifest["stats"]
     return Run(
         config, rank, world, device, model, wrap(model, config, world, device), optimizer, scheduler,
@@ -181,9 +211,10 @@ def wrap(model: nn.Module, config: TrainConfig, world: int, device: torch.device
     return torch.compile(net) if config.compile else net
 
 
-def run_epoch(run: Run, epoch: int, progress: Callable[[Progress], None] | None) -> dict[str, Any]:
+def run_epoch(run: Run, epoch: int, progress: Callable[[Progress], None] | None,
+              interrupted: threading.Event | None = None) -> dict[str, Any]:
     start = time.perf_counter()
-    trained = train_epoch(run, epoch, progress)
+    trained = train_epoch(run, epoch, progress, interrupted)
     index, logits = evaluate(run)
     labels, probs = run.val_loader.source.labels[index], sigmoid(logits)
     record = {"epoch": epoch + 1, "train_loss": trained["loss"], "val_loss": bce_with_logits(labels, logits),
@@ -191,7 +222,8 @@ def run_epoch(run: Run, epoch: int, progress: Callable[[Progress], None] | None)
               "images_per_s": trained["images_per_s"], "data_wait_frac": trained["data_wait_frac"],
               "seconds": round(time.perf_counter() - start, 3)}
     state = run.state
-    improved = state.best_epoch is None or record["val_auc"] > state.best_auc
+    # NaN (a fold with one class) never counts as best, and never blocks a real AUC from being best
+    improved = state.best_epoch is None or math.isnan(state.best_auc) or record["val_auc"] > state.best_auc
     if improved:
         state.best_auc, state.best_epoch = record["val_auc"], epoch + 1
     state.history = [r for r in state.history if r["epoch"] <= epoch] + [record]
@@ -204,7 +236,8 @@ def run_epoch(run: Run, epoch: int, progress: Callable[[Progress], None] | None)
     return record
 
 
-def train_epoch(run: Run, epoch: int, progress: Callable[[Progress], None] | None) -> dict[str, float]:
+def train_epoch(run: Run, epoch: int, progress: Callable[[Progress], None] | None,
+                interrupted: threading.Event | None = None) -> dict[str, float]:
     """The rest of `epoch` from run.state.step; loss, throughput and the share of time spent waiting for data.
 
     Waiting is wall time blocked on the next batch. On CUDA the loop reads the loss back every
@@ -217,6 +250,8 @@ def train_epoch(run: Run, epoch: int, progress: Callable[[Progress], None] | Non
     images, wait, start = 0, 0.0, time.perf_counter()
     with contextlib.closing(epoch_batches(run)) as batches:
         for step in range(state.step, run.steps):
+            if interrupted is not None and interrupted.is_set():
+                raise KeyboardInterrupt  # between steps: last.pt then resumes exactly here
             waited = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - waited
@@ -238,10 +273,10 @@ def train_epoch(run: Run, epoch: int, progress: Callable[[Progress], None] | Non
 
 
 def epoch_batches(run: Run):
-    steps = run.steps - run.state.step
+    """The epoch's batches from run.state.step on (the loader already starts there), padded to run.steps."""
     if run.resident is not None:
-        return run.resident.batches(epoch_plan(run.loader, steps))
-    return stream_batches(run.loader, run.device, steps=steps, workers=run.config.workers)
+        return run.resident.batches(epoch_plan(run.loader, run.steps))
+    return stream_batches(run.loader, run.device, steps=run.steps, workers=run.config.workers)
 
 
 def train_step(run: Run, batch: DeviceBatch, epoch: int, step: int) -> torch.Tensor:
@@ -328,7 +363,7 @@ def write_epoch(run: Run, record: dict[str, Any], improved: bool, ids: np.ndarra
 def checkpoint(run: Run, epoch: int, full: bool) -> dict[str, Any]:
     config = run.config
     ckpt = {"model": run.model.state_dict(), "arch": config.arch, "width": config.width, "config": jsonable(config),
-            **run.norm.stats, "epoch": epoch}
+            **run.norm.stats, "epoch": epoch, "world": run.world}
     if full:
         ckpt |= {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                  "state": dataclasses.asdict(run.state)}
@@ -347,15 +382,24 @@ def _save(ckpt: dict[str, Any], path: Any) -> None:
     os.replace(tmp, path)  # a crash mid-save never leaves a torn checkpoint
 
 
+RESUME_FIXED = ("arch", "width", "val_fold", "batch_size", "seed", "world")
+
+
 def restore(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device) -> RunState:
+            scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, world: int) -> RunState:
     path = config.out / "last.pt"
     if not path.is_file():
         raise PcamPrepError(f"--resume: {path} does not exist (nothing to resume; drop --resume to start afresh)")
     ckpt = torch.load(path, map_location=device, weights_only=True)
-    if (ckpt["arch"], ckpt["width"]) != (config.arch, config.width):
-        raise PcamPrepError(f"--resume: {path} holds arch {ckpt['arch']} width {ckpt['width']}, "
-                            f"not {config.arch} width {config.width}")
+    if "optimizer" not in ckpt:
+        raise PcamPrepError(f"--resume: {path} holds no optimiser state (resume from a last.pt written by train)")
+    # settings that decide what `step` means, or which rows train: they must not change mid-run
+    saved = {**ckpt["config"], "width": ckpt["width"], "world": ckpt.get("world", 1)}
+    now = {**jsonable(config), "world": world}
+    changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_FIXED if saved.get(k) != now[k]]
+    if changed:
+        raise PcamPrepError(f"--resume: {path} was trained with other settings ({'; '.join(changed)}); "
+                            "resume with the same ones, or start a new --out")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
