@@ -384,3 +384,14 @@ class BatchLoader:
     def __iter__(self) -> Iterator[Batch]:
         for index in self.plan():
             yield self.batch(index)
+
+    def tensors(self) -> Iterator[tuple]:
+        """The same epoch as torch tensors: (images (B,H,W,3) uint8, labels (B,) uint8 or None, ids).
+
+        Zero-copy views of each batch; torch is imported only here, so the module stays numpy-only.
+        """
+        import torch
+
+        for batch in self:
+            labels = None if batch.labels is None else torch.from_numpy(batch.labels)
+            yield torch.from_numpy(batch.images), labels, batch.ids

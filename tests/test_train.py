@@ -143,6 +143,15 @@ def test_an_epoch_through_torch_covers_every_row_once_with_its_pixels(built: Pat
         np.testing.assert_array_equal(batch.labels.numpy(), source.labels[batch.index])
 
 
+def test_the_loader_yields_torch_tensors_with_labels_and_ids(built: Path) -> None:
+    source = open_source(built, "train", [2])
+    loader = BatchLoader(source, 16, seed=3)
+    for (images, labels, ids), batch in zip(loader.tensors(), loader):
+        assert images.dtype == torch.uint8 and labels.dtype == torch.uint8 and images.shape[1:] == (96, 96, 3)
+        assert ids == batch.ids and torch.equal(images, torch.from_numpy(source.take(batch.index)))
+        assert labels.tolist() == source.labels[batch.index].tolist()
+
+
 def test_order_follows_seed_and_epoch_and_a_resumed_epoch_gives_the_rest(built: Path) -> None:
     source = open_source(built, "train")
     run = [_indices(stream_batches(BatchLoader(source, 16, seed=1, epoch=e), CPU)) for e in (2, 2, 3)]
