@@ -37,6 +37,7 @@ REASONS = {
     "bad-id": "id is not a plain file name",
     "missing-file": "labels row whose file does not exist",
     "stray-file": "not a .tif file",
+    "not-regular": "symbolic link, folder or device where a file was expected (never followed)",
     "io-error": "could not be read from disk",
 }
 

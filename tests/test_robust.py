@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import signal
 import subprocess
@@ -121,3 +122,20 @@ def test_outputs_carry_no_wall_clock_time(built: Path) -> None:
     text = (built / "manifest.json").read_text()
     assert "finished_unix" not in text and "seconds" not in text
     assert "finished_unix" in (built / "run.json").read_text()
+
+
+def test_links_and_folders_in_train_are_rejected_and_never_followed(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_kaggle(src, 20, 2, seed=4)
+    outside = tmp_path / "outside"
+    write_kaggle(outside, 1, 0, seed=5)
+    target = next((outside / "train").glob("*.tif"))
+    (src / "train" / target.name).symlink_to(target)  # a link out of SRC, with a labels row
+    (src / "train" / "nested.tif").mkdir()
+    labels = (src / "train_labels.csv").read_text() + f"{target.stem},1\n"
+    (src / "train_labels.csv").write_text(labels)
+    summary = build(BuildConfig(src=src, out=tmp_path / "out", formats=("wds",), workers=1))
+    rejects = {r["id"]: (r["reason"], r["detail"]) for r in csv.DictReader((tmp_path / "out" / "rejects.csv").open())}
+    assert rejects == {target.stem: ("not-regular", f"symbolic link {target.name}"),
+                       "nested": ("not-regular", "folder nested.tif")}
+    assert summary.manifest["splits"]["train"]["count"] == 20

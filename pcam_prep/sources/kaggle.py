@@ -73,13 +73,15 @@ def resolve_layout(src: Path, labels: Path | None = None, test: Path | None = No
 
 
 def list_images(folder: Path, root: Path) -> tuple[pd.DataFrame, list[dict]]:
-    """Image files in `folder` (id = file stem); other regular files become stray rejects."""
+    """Image files in `folder` (id = file stem); other entries become rejects, and links are never followed."""
     ids, paths, strays = [], [], []
     with os.scandir(folder) as entries:
         for entry in entries:
-            if not entry.is_file(follow_symlinks=False):
-                continue
             stem, suffix = os.path.splitext(entry.name)
+            if not entry.is_file(follow_symlinks=False):  # a link could point anywhere: outside SRC included
+                kind = "symbolic link" if entry.is_symlink() else "folder" if entry.is_dir() else "special file"
+                strays.append(_reject(stem, Path(entry.path), root, "not-regular", f"{kind} {entry.name}"))
+                continue
             if suffix.lower() not in IMAGE_SUFFIXES or not is_safe_id(stem):
                 strays.append(_reject(stem, Path(entry.path), root, "stray-file", entry.name))
                 continue
@@ -112,7 +114,8 @@ def scan(layout: KaggleLayout) -> Inventory:
     conflicting = labels[dup_rows].groupby("id")["label"].nunique().loc[lambda s: s > 1].index
     labels = labels.drop_duplicates("id")
     merged = files.merge(labels, on="id", how="outer", indicator="match", sort=True)
-    for row in merged[merged["match"] == "right_only"].itertuples():
+    listed = {r["id"] for r in rejects if r["reason"] == "not-regular"}  # already rejected as what they are
+    for row in merged[(merged["match"] == "right_only") & ~merged["id"].isin(listed)].itertuples():
         rejects.append(_reject(row.id, None, layout.root, "missing-file", f"{row.id}.tif not in {layout.train.name}/"))
     present = merged[merged["match"] != "right_only"]
     bad = present["match"].eq("left_only") | ~present["label"].isin(["0", "1"]) | present["id"].isin(conflicting)
