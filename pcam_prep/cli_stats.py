@@ -68,15 +68,19 @@ def _row(name: str, count: Any = "", negatives: Any = "", positives: Any = "", s
 
 
 def _splits(summary: dict[str, Any]) -> str:
-    train, test = summary["splits"]["train"], summary["splits"]["test"]
+    """Every split the manifest lists (Kaggle: train, test; PCam: train, valid, test, all labelled)."""
     background = summary["background"]
-    return "\n".join([
-        _row("split", "images", "label 0", "label 1", "label 1 %", "background %"),
-        _row("train", train["count"], train["negatives"], train["positives"], _pct(train["positive_share"]),
-             _pct(background["train"]["share"])),
-        *(_row(f"  label {k}", bg=_pct(part["share"])) for k, part in background["train"]["by_label"].items()),
-        _row("test", test["count"], "-", "-", "-", _pct(background["test"]["share"])),
-    ])
+    lines = [_row("split", "images", "label 0", "label 1", "label 1 %", "background %")]
+    for name, split in summary["splits"].items():
+        bg = _pct(background[name]["share"]) if name in background else "-"  # pixels are measured for train, test
+        if split.get("labelled", name == "train"):
+            share = split["positives"] / split["count"] if split["count"] else None
+            lines.append(_row(name, split["count"], split["negatives"], split["positives"], _pct(share), bg))
+        else:
+            lines.append(_row(name, split["count"], "-", "-", "-", bg))
+        if name == "train":
+            lines += [_row(f"  label {k}", bg=_pct(part["share"])) for k, part in background["train"]["by_label"].items()]
+    return "\n".join(lines)
 
 
 def _folds(summary: dict[str, Any]) -> str:

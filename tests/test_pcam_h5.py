@@ -138,6 +138,18 @@ def test_stats_are_those_of_the_kept_train_images(pcam_built: Path) -> None:
     np.testing.assert_allclose(stats["std"], flat.std(axis=0), rtol=1e-9)
 
 
+def test_stats_table_lists_every_pcam_split_with_its_labels(pcam_built: Path) -> None:
+    from click.testing import CliRunner
+
+    from pcam_prep.cli import main
+
+    result = CliRunner().invoke(main, ["stats", str(pcam_built)])
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line.split()[1:] for line in result.output.splitlines() if line.strip()}
+    for split, counts in manifest(pcam_built)["splits"].items():
+        assert rows[split][:3] == [f"{counts['count']:,}", f"{counts['negatives']:,}", f"{counts['positives']:,}"]
+
+
 def test_wsi_groups_from_the_meta_csv_never_span_folds(pcam_src: Path, pcam_built: Path) -> None:
     meta = pd.read_csv(pcam_src / pcam_h5.pcam_file("train", "meta", "csv"))
     ids = [sha1(img) for img in read_pcam(pcam_src, "train")[0]]
