@@ -52,6 +52,7 @@ device_option = click.option("--device", type=click.Choice(DEVICES), default="au
 @click.option("--width", type=int, help="First-stage channels  [default: small 32, resnet 64]")
 @_opt(TrainConfig, "--batch-size", int, "Images per step per process.")
 @_opt(TrainConfig, "--lr", float, "Peak learning rate (warmup, then cosine).")
+@_opt(TrainConfig, "--warmup", float, "Share of all steps spent warming up to the peak.")
 @_opt(TrainConfig, "--weight-decay", float, "AdamW weight decay.")
 @click.option("--augment/--no-augment", default=True, show_default=True,
               help="Dihedral transforms and colour jitter on the device.")
@@ -67,6 +68,7 @@ device_option = click.option("--device", type=click.Choice(DEVICES), default="au
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA.")
 @_opt(TrainConfig, "--checkpoint-every", int, "Also save last.pt every N steps.")
+@_opt(TrainConfig, "--log-every", int, "Update the progress bar's loss every N steps (a GPU sync).")
 @friendly_errors
 def train(compile_: bool, **flags: Any) -> None:
     """Train a classifier on built shards; writes checkpoints, metrics.json and figures to OUT.

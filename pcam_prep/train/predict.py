@@ -58,7 +58,8 @@ def predict_probs(model: nn.Module, loader: BatchLoader, norm: Normalise, device
     index, probs = [], []
     for batch in stream_batches(loader, device):
         unit = Normalise.to_unit(batch.images)
-        views = [torch.sigmoid(model(norm(dihedral(unit, code))).float()) for code in range(tta)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):  # as trained
+            views = [torch.sigmoid(model(norm(dihedral(unit, code))).float()) for code in range(tta)]
         probs.append(torch.stack(views).mean(0))
         index.append(batch.index)
         if progress is not None:
