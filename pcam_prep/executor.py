@@ -61,6 +61,16 @@ def keep_freed_memory() -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 
 
+def release_freed_memory() -> None:
+    """Hand freed heap back to the OS now (glibc malloc_trim): between stages, where the driver's
+    per-image temporaries (reports, intermediate frames) are gone and the next stage would
+    otherwise stack its own on top of them."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def init_worker(preload: tuple[str, ...] = ()) -> None:
     """Per-worker setup: reusable freed memory, single-threaded BLAS, modules imported early.
 

@@ -29,7 +29,7 @@ from dask import delayed
 from . import PcamPrepError
 from .config import BuildConfig
 from .dedup import Dedup, dedup, dedup_dihedral, dihedral_digests
-from .executor import Executor, ProgressFn
+from .executor import Executor, ProgressFn, release_freed_memory
 from .folds import assign_folds
 from .schema import (
     HDF5_NAME,
@@ -129,6 +129,7 @@ def build(config: BuildConfig, progress: ProgressFn | None = None) -> BuildSumma
     preload = tuple(m for f, m in (("zarr", "zarr"), ("hdf5", "h5py")) if f in config.formats)
     with Executor(config.scheduler, config.n_workers, progress, preload) as executor:
         found = analyse(config, executor, clock)
+        release_freed_memory()
         pieces = write_outputs(executor, out, found, config)
         clock.lap("write")
     files = describe_files(out, config, found, pieces)
@@ -181,8 +182,7 @@ def inspect(executor: Executor, inventory: Inventory, shape: tuple[int, int, int
         good = rows[ok].copy()
         # Kaggle ids are the digests: share the id's string instead of holding a second copy
         good["digest"] = [i if i == d else d for i, d in zip(good["id"], (d for d, k in zip(report.digests, ok) if k))]
-        stamps = np.array([s for s, keep in zip(report.stamps, ok) if keep], np.int64).reshape(-1, 2)
-        good["size"], good["mtime_ns"] = stamps[:, 0], stamps[:, 1]  # two int64 columns: no tuple per image
+        good["size"], good["mtime_ns"] = report.stamps[ok, 0], report.stamps[ok, 1]  # int64 columns, no tuples
         kept[spec.name].append(good)
         bad = ~ok
         rejects.append(pd.DataFrame({
@@ -251,9 +251,10 @@ def write_outputs(executor: Executor, out: Path, found: Analysis, config: BuildC
                       for s in range(0, len(frame), step)]
             units += [min(step, len(frame) - s) for s in range(0, len(frame), step)]
     if "hdf5" in config.formats:
-        splits = {split: (_columns(frame, specs[split]), rows[split]) for split, frame in frames.items()}
+        columns = {split: (len(frame), _columns(frame, specs[split])) for split, frame in frames.items()}
+        h5_tmp = arrays.create_hdf5(out / HDF5_NAME, shape, config.chunk_rows, columns, config.hdf5_codec)
         tasks.insert(0, delayed(write_hdf5_piece, pure=False)(  # longest task first
-            str(out / HDF5_NAME), shape, config.chunk_rows, splits, config.hdf5_codec))
+            str(h5_tmp), str(out / HDF5_NAME), shape, config.chunk_rows, {split: rows[split] for split in frames}))
         units.insert(0, sum(len(frame) for frame in frames.values()))
     tv_tasks, tv_units = _torchvision_tasks(out, found, rows, config.torchvision_names)
     results = executor.run("arrays", tasks + tv_tasks, units + tv_units)

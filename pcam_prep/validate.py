@@ -57,7 +57,7 @@ class BatchReport:
     reasons: list[str]  # "" for accepted files
     details: list[str]
     digests: list[str]  # sha1 hex of the pixel bytes ("" when rejected)
-    stamps: list[tuple[int, int]]  # (size, mtime_ns) as read: the write stage checks nothing changed
+    stamps: np.ndarray  # (N, 2) int64 (size, mtime_ns) as read, -1 if unread: the write stage checks them
     moments: Moments | None  # pixel moments of the accepted images, when asked for
 
 
@@ -88,7 +88,7 @@ def inspect_batch(
     decoder = decoder_for(tuple(shape))
     n = len(paths)
     digests, reasons, details = [""] * n, [""] * n, [""] * n
-    stamps = [(-1, -1)] * n
+    stamps = np.full((n, 2), -1, np.int64)  # an array, not n tuples: the driver holds these for every image
     parts: list[Moments] = []
     block = _buffer(_BLOCK, tuple(shape))
     rows: list[int] = []

@@ -130,16 +130,12 @@ def write_zarr_piece(
 
 
 def write_hdf5_piece(
-    path: str, shape: tuple[int, int, int], chunk_rows: int,
-    splits: dict[str, tuple[dict[str, np.ndarray], Sources]], codec: str,
+    tmp: str, path: str, shape: tuple[int, int, int], chunk_rows: int, splits: dict[str, Sources]
 ) -> PieceResult:
-    """The whole HDF5 file in one task. `splits[name] = (columns, sources)`."""
+    """Every image of the HDF5 file `arrays.create_hdf5` made at `tmp`, in one task (HDF5 has one writer)."""
     rows = max(chunk_rows, BLOCK_ROWS // chunk_rows * chunk_rows)
-    plan = {
-        name: (len(src), columns, src.blocks(shape, rows)) for name, (columns, src) in splits.items()
-    }
-    arrays.write_hdf5(Path(path), tuple(shape), chunk_rows, plan, codec)
-    count = sum(len(src) for _, src in splits.values())
+    arrays.fill_hdf5(Path(tmp), Path(path), {name: src.blocks(shape, rows) for name, src in splits.items()})
+    count = sum(len(src) for src in splits.values())
     return PieceResult("hdf5", "all", path, count, sha256_file(Path(path)))
 
 

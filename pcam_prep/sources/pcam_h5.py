@@ -214,7 +214,7 @@ def inspect_rows(path: str, start: int, stop: int, labels: np.ndarray | None, sh
     moments = None
     if with_moments:
         moments = channel_moments(images if ok.all() else images[ok])
-    return BatchReport(ok, reasons, details, digests, [stamp] * n, moments)
+    return BatchReport(ok, reasons, details, digests, np.tile(np.array(stamp, np.int64), (n, 1)), moments)
 
 
 def scan(layout: PcamLayout, shape: tuple[int, int, int]) -> Inventory:

@@ -85,30 +85,41 @@ def finish_store(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def write_hdf5(
-    path: Path,
-    shape: tuple[int, ...],
-    chunk_rows: int,
-    splits: dict[str, tuple[int, dict[str, np.ndarray], Iterable[tuple[int, np.ndarray]]]],
+def create_hdf5(
+    path: Path, shape: tuple[int, ...], chunk_rows: int, splits: dict[str, tuple[int, dict[str, np.ndarray]]],
     codec: str = "none",
-) -> None:
-    """Write `pcam.h5` atomically. `splits[name] = (count, columns, (start, images) blocks)`."""
+) -> Path:
+    """Create `pcam.h5` under its temporary name: empty `x` datasets and the id/label/fold columns.
+
+    `splits[name] = (count, columns)`. The driver writes the columns, which it holds anyway, so
+    the task that fills `x` gets only where to read pixels from, not every id of the dataset.
+    """
     import h5py
 
     tmp = tmp_path(path)
     # No timestamps (track_times=False) so the same data gives the same bytes.
     with h5py.File(tmp, "w", libver=("v110", "v110"), track_order=False) as fh:
-        for split, (n, columns, blocks) in splits.items():
+        for split, (n, columns) in splits.items():
             group = fh.create_group(split)
-            x = group.create_dataset(
+            group.create_dataset(
                 "x", shape=(n, *shape), dtype=np.uint8, chunks=(max(1, min(chunk_rows, n)), *shape) if n else None,
                 compression=HDF5_CODECS[codec] if n else None, track_times=False,
             )
-            for start, images in blocks:
-                x[start : start + len(images)] = images
             for name, values in columns.items():
                 dtype = column_dtypes()[name]
                 h5dtype = h5py.string_dtype("utf-8") if dtype is str else dtype
                 group.create_dataset(name, data=np.asarray(values, dtype=object if dtype is str else dtype),
                                      dtype=h5dtype, track_times=False)
+    return tmp
+
+
+def fill_hdf5(tmp: Path, path: Path, splits: dict[str, Iterable[tuple[int, np.ndarray]]]) -> None:
+    """Write each split's `(start, images)` blocks into the file `create_hdf5` made, then rename it into place."""
+    import h5py
+
+    with h5py.File(tmp, "r+") as fh:
+        for split, blocks in splits.items():
+            x = fh[f"{split}/x"]
+            for start, images in blocks:
+                x[start : start + len(images)] = images
     os.replace(tmp, path)
