@@ -23,12 +23,16 @@ def main(verbose: int) -> None:
     """Prepare the Kaggle Histopathologic Cancer Detection / PatchCamelyon patches.
 
     Decode, validate, de-duplicate and fold-assign 96x96 RGB .tif patches once, into
-    WebDataset shards, Zarr and HDF5 arrays described by one manifest.json.
+    WebDataset shards, Zarr and HDF5 arrays described by one manifest.json; then train
+    the bundled PyTorch model on them and write a Kaggle submission.
 
     \b
     Example:
       pcam-prep synth data/demo --train 2000 --test 500
       pcam-prep build --src data/demo --out shards/
+      pcam-prep stats shards/ --report report/
+      pcam-prep train --shards shards/
+      pcam-prep predict --shards shards/ --tta 8
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
