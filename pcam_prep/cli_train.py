@@ -134,8 +134,9 @@ class _EpochBar:
 @_opt(PredictConfig, "--out", click.Path(dir_okay=False, path_type=Path), "CSV to write.")
 @click.option("--tta", type=click.Choice(["1", "2", "4", "8"]), default="1", show_default=True,
               help="Average over this many dihedral views.")
-@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True,
-              help="test: Kaggle submission; val: a labelled fold, with its AUC.")
+@click.option("--split", default="test", show_default=True,
+              help="test: Kaggle submission; val: a labelled train fold, with its AUC; or another split the "
+                   "build has (PCam: valid).")
 @click.option("--fold", type=int, help="Fold scored with --split val  [default: the checkpoint's val fold]")
 @format_option
 @device_option

@@ -69,7 +69,7 @@ class PredictConfig:
     shards: Path  # built OUT folder to score
     checkpoint: Path  # best.pt or last.pt written by `train`
     out: Path = Path("submission.csv")  # CSV: id,label (test) or id,label,prob (val)
-    split: str = "test"  # test: Kaggle submission | val: a labelled train fold, with its AUC
+    split: str = "test"  # test: Kaggle submission | val: a labelled train fold | any other built split (PCam valid)
     fold: int | None = None  # the fold scored with split=val; default: the checkpoint's val fold
     tta: int = 1  # average over the first 1, 2, 4 or 8 dihedral transforms
     format: str = "wds"  # which built copy to read: wds | zarr | hdf5
@@ -77,7 +77,8 @@ class PredictConfig:
     batch_size: int = 512  # images per forward pass
 
     def __post_init__(self) -> None:
-        _check_choice("split", self.split, ("test", "val"))
+        if not self.split or self.split == "train":
+            raise PcamPrepError(f"split must be test, val (a train fold) or another built split; got {self.split!r}")
         _check_choice("device", self.device, DEVICES)
         _check_choice("format", self.format, FORMATS)
         _check_choice("tta", self.tta, TTA_CHOICES)

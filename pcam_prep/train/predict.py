@@ -94,7 +94,7 @@ def predict(config: PredictConfig, progress: Callable[[int, int], None] | None =
         keep_freed_memory_on_cpu()
     model, ckpt = load_checkpoint(config.checkpoint, device)
     fold = config.fold if config.fold is not None else ckpt["config"]["val_fold"]
-    split, folds = ("test", None) if config.split == "test" else ("train", [fold])
+    split, folds = ("train", [fold]) if config.split == "val" else (config.split, None)  # open_source names bad ones
     source = open_source(config.shards, split, folds, config.format)
     if not len(source):
         raise PcamPrepError(f"{config.shards} has no {config.split} images to score")
