@@ -9,9 +9,11 @@ files all share one such layout, so nearly every file takes the slice.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
+import stat
 import threading
 
 import numpy as np
@@ -123,11 +125,25 @@ def _plain_strip_offset(page: tifffile.TiffPage) -> int | None:
     return int(page.dataoffsets[0]) if plain else None
 
 
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
 def read_file(path: str) -> tuple[bytes, tuple[int, int]]:
-    """Bytes of a source file and its (size, mtime_ns), refusing anything too big to be a patch."""
-    fd = os.open(path, os.O_RDONLY)
+    """Bytes of a source file and its (size, mtime_ns), refusing anything too big to be a patch.
+
+    Never follows a symbolic link (it could point outside SRC) and never blocks on a pipe or
+    device: only regular files are read, whatever the scan saw.
+    """
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise Reject("not-regular", "symbolic link (never followed)") from None
+        raise
     try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Reject("not-regular", "not a regular file")
         if st.st_size > MAX_FILE_BYTES:
             raise Reject("too-large", f"{st.st_size}-byte file; a patch is ~28 KB")
         data = os.read(fd, st.st_size)

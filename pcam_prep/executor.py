@@ -108,9 +108,13 @@ class Executor(AbstractContextManager):
         if self.scheduler == "processes":
             self.pool = ProcessPoolExecutor(workers, mp_context=_process_context(), initializer=init_worker,
                                             initargs=(preload,))
-            # Start the workers now, while this process is small: forked later (at the first task,
-            # after the scan) each would inherit the whole inventory, and RSS would grow with it.
-            self.pool.submit(int).result()
+            try:
+                # Start the workers now, while this process is small: forked later (at the first task,
+                # after the scan) each would inherit the whole inventory, and RSS would grow with it.
+                self.pool.submit(int).result()
+            except BaseException:
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                raise
         self._limits = None
         if self.scheduler == "threads":
             from threadpoolctl import threadpool_limits
@@ -187,8 +191,12 @@ def _local_cluster(workers: int, preload: tuple[str, ...]):
 
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                            silence_logs=logging.ERROR)
-    client = Client(cluster)
-    client.run(init_worker, preload)  # our own workers: tune them like the pool's (never done to a shared cluster)
+    try:
+        client = Client(cluster)
+        client.run(init_worker, preload)  # our own workers: tune them like the pool's (never to a shared cluster)
+    except BaseException:
+        cluster.close()
+        raise
     return cluster, client
 
 

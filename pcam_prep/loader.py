@@ -231,11 +231,12 @@ class ArraySource(Source):
     """Zarr or HDF5: `{split}/x` rows, filtered by `{split}/fold` when folds are given."""
 
     def __init__(self, path: Path, kind: str, split: str, folds: Sequence[int] | None,
-                 spec: SplitSpec | None = None) -> None:
+                 spec: SplitSpec | None = None, mapped: bool = True) -> None:
         self.path, self.kind, self.split = Path(path), kind, split
         spec = spec or SplitSpec(split, split == "train", split == "train")
         self._handle, self._pid = None, os.getpid()
-        self._chunks: tuple[list[np.ndarray], int] | bool | None = None  # mapped HDF5 chunks; False: not mappable
+        # mapped HDF5 chunks; False: not mappable, or not wanted (verify reads through h5py, as other readers do)
+        self._chunks: tuple[list[np.ndarray], int] | bool | None = None if mapped else False
         group = self._group()
         ids = np.asarray(group[f"{split}/id"][:])
         ids = np.array([i.decode() if isinstance(i, bytes) else str(i) for i in ids], dtype=object)
@@ -249,7 +250,8 @@ class ArraySource(Source):
 
     def _group(self):
         if self._handle is not None and self._pid != os.getpid():  # a forked DataLoader worker: own handle
-            self._handle = self._chunks = None
+            self._handle = None
+            self._chunks = None if self._chunks is not False else False
         if self._handle is None:
             self._pid = os.getpid()
             if self.kind == "zarr":
@@ -285,11 +287,13 @@ class ArraySource(Source):
 FORMATS = {"wds": None, "zarr": ZARR_NAME, "hdf5": HDF5_NAME}
 
 
-def open_source(out: Path, split: str = "train", folds: Sequence[int] | None = None, fmt: str = "wds") -> Source:
+def open_source(out: Path, split: str = "train", folds: Sequence[int] | None = None, fmt: str = "wds",
+                mapped: bool = True) -> Source:
     """Open a built OUT folder's `split` (train: optionally only `folds`) in format `fmt`.
 
     Splits are those the manifest lists (Kaggle: train, test; PCam: train, valid, test); a
-    split's `labels` are None when the manifest says it is unlabelled.
+    split's `labels` are None when the manifest says it is unlabelled. `mapped=False` reads
+    HDF5 through h5py even where its unfiltered chunks could be memory-mapped.
     """
     out = Path(out)
     manifest = read_manifest(out)
@@ -306,7 +310,7 @@ def open_source(out: Path, split: str = "train", folds: Sequence[int] | None = N
         raise PcamPrepError(f"{out} has no {fmt} output (built: {', '.join(sorted(built - {'csv'}))})")
     if fmt == "wds":
         return WdsSource(out, manifest, split, folds)
-    return ArraySource(out / FORMATS[fmt], fmt, split, folds, split_spec(manifest, split))
+    return ArraySource(out / FORMATS[fmt], fmt, split, folds, split_spec(manifest, split), mapped)
 
 
 def split_spec(manifest: dict, split: str) -> SplitSpec:

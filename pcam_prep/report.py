@@ -244,7 +244,7 @@ def plot_duplicates(duplicates: pd.DataFrame, layout: KaggleLayout, shape, path:
     shown = duplicates.groupby("kind", sort=True).head(max(1, limit // 3)).head(limit)
     fig, axes = _tile_grid(2 * len(shown), 8, f"duplicates: {len(shown)} of {len(duplicates)} shown")
     for pair, row in zip(axes.reshape(-1, 2), shown.itertuples()):
-        kept_split = "test" if row.kind == "train-test" else "train"
+        kept_split = "test" if row.kind.endswith("train-test") else "train"  # dihedral-train-test too
         kept = source_tile(_source_path(layout, kept_split, row.kept), shape) if row.kept else "none kept"
         _tile(pair[0], kept, f"kept ({kept_split})\n{row.kept[:10]}")
         _tile(pair[1], source_tile(_source_path(layout, "train", row.dropped), shape),
@@ -257,7 +257,8 @@ def plot_rejects(rejects: pd.DataFrame, layout: KaggleLayout, shape, path: Path,
     shown = rejects.groupby("reason", sort=True).head(2).head(limit)
     fig, axes = _tile_grid(len(shown), 6, f"rejected files: {len(shown)} of {len(rejects)} shown")
     for ax, row in zip(axes, shown.itertuples()):
-        tile = source_tile(layout.root / row.path, shape) if row.path else "no file"
+        tile = "no file" if not row.path else (
+            "not a regular file" if row.reason == "not-regular" else source_tile(layout.root / row.path, shape))
         _tile(ax, tile, f"{row.reason}\n{row.id[:12]}", text=f"{tile}:\n{row.detail[:60]}" if row.detail else "")
     return _save(fig, path)
 

@@ -49,7 +49,7 @@ def verify(out: Path, sample: int | None = None, seed: int = 0,
         sources = {}
         for fmt in formats:
             try:
-                sources[fmt] = open_source(out, split, None, fmt)
+                sources[fmt] = open_source(out, split, None, fmt, mapped=False)  # HDF5 through h5py itself
             except PcamPrepError as exc:
                 report.problems.append(f"{fmt} {split}: {exc}")
         check_counts(manifest, split, sources, report)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import zarr
 
 from pcam_prep.config import BuildConfig
+from pcam_prep.decode import Reject, read_file
 from pcam_prep.pipeline import build
 from pcam_prep.schema import SampleLayout
 from pcam_prep.synth import write_kaggle
@@ -132,10 +134,16 @@ def test_links_and_folders_in_train_are_rejected_and_never_followed(tmp_path: Pa
     target = next((outside / "train").glob("*.tif"))
     (src / "train" / target.name).symlink_to(target)  # a link out of SRC, with a labels row
     (src / "train" / "nested.tif").mkdir()
+    (src / "train" / ".ipynb_checkpoints").mkdir()  # hidden folders are ignored, not rejected
+    os.mkfifo(src / "train" / "pipe.tif")  # opening it would block: it must never be opened
     labels = (src / "train_labels.csv").read_text() + f"{target.stem},1\n"
     (src / "train_labels.csv").write_text(labels)
     summary = build(BuildConfig(src=src, out=tmp_path / "out", formats=("wds",), workers=1))
     rejects = {r["id"]: (r["reason"], r["detail"]) for r in csv.DictReader((tmp_path / "out" / "rejects.csv").open())}
     assert rejects == {target.stem: ("not-regular", f"symbolic link {target.name}"),
-                       "nested": ("not-regular", "folder nested.tif")}
+                       "nested": ("not-regular", "folder nested.tif"), "pipe": ("not-regular", "special file pipe.tif")}
+    for path, detail in ((src / "train" / target.name, "symbolic link"), (src / "train" / "pipe.tif", "regular")):
+        with pytest.raises(Reject, match="not-regular") as caught:  # even if the scan were fooled
+            read_file(str(path))
+        assert detail in caught.value.detail
     assert summary.manifest["splits"]["train"]["count"] == 20

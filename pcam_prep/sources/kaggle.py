@@ -78,6 +78,8 @@ def list_images(folder: Path, root: Path) -> tuple[pd.DataFrame, list[dict]]:
     with os.scandir(folder) as entries:
         for entry in entries:
             stem, suffix = os.path.splitext(entry.name)
+            if entry.is_dir(follow_symlinks=False) and entry.name.startswith("."):
+                continue  # hidden folders (.ipynb_checkpoints, .git) are not data: ignored, like the OS does
             if not entry.is_file(follow_symlinks=False):  # a link could point anywhere: outside SRC included
                 kind = "symbolic link" if entry.is_symlink() else "folder" if entry.is_dir() else "special file"
                 strays.append(_reject(stem, Path(entry.path), root, "not-regular", f"{kind} {entry.name}"))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import PcamPrepError
 from . import tmp_path
 
 # zarr and h5py are imported where used: a wds-only build never pays for them (~0.3 s).
@@ -117,7 +118,11 @@ def fill_hdf5(tmp: Path, path: Path, splits: dict[str, Iterable[tuple[int, np.nd
     """Write each split's `(start, images)` blocks into the file `create_hdf5` made, then rename it into place."""
     import h5py
 
-    with h5py.File(tmp, "r+") as fh:
+    try:
+        fh = h5py.File(tmp, "r+")
+    except OSError as exc:  # e.g. a retried task: the file is still marked open by the writer that died
+        raise PcamPrepError(f"{tmp} cannot be reopened to write images ({exc}); run the build again") from None
+    with fh:
         for split, blocks in splits.items():
             x = fh[f"{split}/x"]
             for start, images in blocks:
