@@ -42,6 +42,26 @@ class _TaskCounter(Callback):
             self.progress(self.stage, self.done, self.total)
 
 
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -4, -3, -8  # glibc mallopt parameters
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (mallopt, malloc_trim); None elsewhere, where nothing is tuned."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def tune_malloc(settings: dict[int, int]) -> None:
+    """glibc mallopt(parameter, value) for each setting, in order; a no-op on other C libraries."""
+    libc = _glibc()
+    if libc is None:
+        return
+    for parameter, value in settings.items():
+        libc.mallopt(parameter, value)
+
+
 def keep_freed_memory() -> None:
     """Ask glibc to keep freed blocks for reuse instead of returning them to the OS.
 
@@ -49,26 +69,20 @@ def keep_freed_memory() -> None:
     glibc maps each one fresh, and on VMs a fresh page can cost 10 us to fault in: more than
     decoding the image on it. Keeping them makes the second block as cheap as a memset.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to tune
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
-    libc.mallopt(_M_ARENA_MAX, 2)  # zarr's codec threads would each grow an arena of their own
-    libc.mallopt(_M_TRIM_THRESHOLD, 64 * 1024 * 1024)  # keep up to 64 MB of freed heap for reuse, no more
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+    tune_malloc({
+        M_MMAP_THRESHOLD: 32 * 1024 * 1024,
+        M_ARENA_MAX: 2,  # zarr's codec threads would each grow an arena of their own
+        M_TRIM_THRESHOLD: 64 * 1024 * 1024,  # keep up to 64 MB of freed heap for reuse, no more
+    })
 
 
 def release_freed_memory() -> None:
     """Hand freed heap back to the OS now (glibc malloc_trim): between stages, where the driver's
     per-image temporaries (reports, intermediate frames) are gone and the next stage would
     otherwise stack its own on top of them."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def init_worker(preload: tuple[str, ...] = ()) -> None:
