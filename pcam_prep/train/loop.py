@@ -33,6 +33,7 @@ from torch import nn
 
 from .. import PcamPrepError
 from ..loader import BatchLoader
+from ..writers import tmp_path
 from ..writers.manifest import read_manifest, write_json_atomic
 from .augment import augment
 from .config import TrainConfig, jsonable
@@ -377,7 +378,7 @@ def save_last(run: Run) -> None:
 
 
 def _save(ckpt: dict[str, Any], path: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = tmp_path(path)
     torch.save(ckpt, tmp)
     os.replace(tmp, path)  # a crash mid-save never leaves a torn checkpoint
 

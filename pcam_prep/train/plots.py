@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ..writers import tmp_path
 from .metrics import confusion, roc_auc, roc_curve
 
 
@@ -21,7 +22,7 @@ def _figure(width: float, height: float):
 
 def _save(fig: Any, path: Path) -> Path:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = tmp_path(path)
     fig.savefig(tmp, format="png", metadata={"Software": None})  # no version stamp: same data, same bytes
     tmp.replace(path)
     return path

@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import PcamPrepError
 from ..loader import BatchLoader, open_source
+from ..writers import tmp_path
 from .augment import dihedral
 from .config import PredictConfig
 from .data import Normalise, keep_freed_memory_on_cpu, resolve_device, stream_batches
@@ -73,7 +74,7 @@ def write_predictions(path: Path, ids: np.ndarray, labels: np.ndarray | None, pr
     """`id,label` with label = probability (Kaggle), or `id,label,prob` when true labels are given."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = tmp_path(path)
     with open(tmp, "w", newline="") as fh:
         out = csv.writer(fh, lineterminator="\n")
         if labels is None:
