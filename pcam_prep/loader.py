@@ -235,8 +235,8 @@ class ArraySource(Source):
         self.path, self.kind, self.split = Path(path), kind, split
         spec = spec or SplitSpec(split, split == "train", split == "train")
         self._handle, self._pid = None, os.getpid()
-        # mapped HDF5 chunks; False: not mappable, or not wanted (verify reads through h5py, as other readers do)
-        self._chunks: tuple[list[np.ndarray], int] | bool | None = None if mapped else False
+        self.mapped = mapped and kind == "hdf5"  # False: read through h5py, as other readers do (verify)
+        self._chunks: tuple[list[np.ndarray], int] | bool | None = None  # mapped HDF5 chunks; False: not mappable
         group = self._group()
         ids = np.asarray(group[f"{split}/id"][:])
         ids = np.array([i.decode() if isinstance(i, bytes) else str(i) for i in ids], dtype=object)
@@ -250,8 +250,7 @@ class ArraySource(Source):
 
     def _group(self):
         if self._handle is not None and self._pid != os.getpid():  # a forked DataLoader worker: own handle
-            self._handle = None
-            self._chunks = None if self._chunks is not False else False
+            self._handle = self._chunks = None
         if self._handle is None:
             self._pid = os.getpid()
             if self.kind == "zarr":
@@ -269,7 +268,7 @@ class ArraySource(Source):
         out = self._out(index, out, self.shape)
         rows = self.rows[index]
         x = self._group()[f"{self.split}/x"]
-        if self.kind == "hdf5" and self._chunks is None:
+        if self.mapped and self._chunks is None:
             self._chunks = mapped_hdf5_chunks(x) or False
         if self._chunks:
             blocks, per = self._chunks

@@ -56,6 +56,13 @@ def test_hdf5_rows_match_the_shards_whether_chunks_are_mapped_or_decoded(kaggle_
     assert bool(h5._chunks) == (codec == "none")  # unfiltered chunks are memory-mapped; lzf goes through h5py
 
 
+def test_a_source_that_reads_through_h5py_still_does_after_pickling(built: Path) -> None:
+    source = pickle.loads(pickle.dumps(open_source(built, "train", None, "hdf5", mapped=False)))
+    index = np.arange(5)
+    np.testing.assert_array_equal(source.take(index), open_source(built, "train").take(index))
+    assert not source._chunks  # verify's reads must go through h5py in every process
+
+
 def test_a_row_outside_the_split_is_named(built: Path) -> None:
     source = open_source(built, "train", [0])
     with pytest.raises(IndexError, match=f"{len(source)} rows"):
