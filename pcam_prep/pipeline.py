@@ -180,8 +180,8 @@ def inspect(executor: Executor, inventory: Inventory, shape: tuple[int, int, int
             rows = rows.assign(id=report.digests)
         ok = report.ok
         good = rows[ok].copy()
-        # Kaggle ids are the digests: share the id's string instead of holding a second copy
-        good["digest"] = [i if i == d else d for i, d in zip(good["id"], (d for d, k in zip(report.digests, ok) if k))]
+        ids, digests = good["id"].to_numpy(), np.asarray(report.digests, dtype=object)[ok]
+        good["digest"] = np.where(ids == digests, ids, digests)  # Kaggle ids are the digests: share the id's string
         good["size"], good["mtime_ns"] = report.stamps[ok, 0], report.stamps[ok, 1]  # int64 columns, no tuples
         kept[spec.name].append(good)
         bad = ~ok
@@ -254,7 +254,7 @@ def write_outputs(executor: Executor, out: Path, found: Analysis, config: BuildC
         columns = {split: (len(frame), _columns(frame, specs[split])) for split, frame in frames.items()}
         h5_tmp = arrays.create_hdf5(out / HDF5_NAME, shape, config.chunk_rows, columns, config.hdf5_codec)
         tasks.insert(0, delayed(write_hdf5_piece, pure=False)(  # longest task first
-            str(h5_tmp), str(out / HDF5_NAME), shape, config.chunk_rows, {split: rows[split] for split in frames}))
+            str(h5_tmp), str(out / HDF5_NAME), shape, config.chunk_rows, rows))
         units.insert(0, sum(len(frame) for frame in frames.values()))
     tv_tasks, tv_units = _torchvision_tasks(out, found, rows, config.torchvision_names)
     results = executor.run("arrays", tasks + tv_tasks, units + tv_units)
