@@ -36,7 +36,7 @@ from pcam_prep.synth import write_kaggle
 from pcam_prep.synth_pcam import write_pcam_h5
 from pcam_prep.train.augment import colour_jitter, dihedral, dihedral_codes
 from pcam_prep.train.config import TrainConfig
-from pcam_prep.train.data import Normalise, ResidentSplit, ShardStream, epoch_plan, stream_batches
+from pcam_prep.train.data import Normalise, ResidentSplit, ShardStream, stream_batches
 from pcam_prep.train.loop import lr_factor, train
 from pcam_prep.train.metrics import roc_auc
 from pcam_prep.train.models import build_model
@@ -182,7 +182,7 @@ def test_dataloader_workers_split_an_epoch_disjointly_in_the_same_order(built: P
     source = open_source(built, "train")
     loader = BatchLoader(source, 16, seed=4)
     single = _indices(stream_batches(loader, CPU))
-    parts = [np.concatenate(epoch_plan(loader, None, w, 2)) for w in range(2)]
+    parts = [np.concatenate(loader.plan(w, 2)) for w in range(2)]
     assert not set(parts[0]) & set(parts[1]) and sorted(np.concatenate(parts)) == list(range(len(source)))
     workers = _indices(stream_batches(loader, CPU, workers=2))
     assert len(workers) == len(single) and all(np.array_equal(a, b) for a, b in zip(single, workers))
@@ -207,10 +207,10 @@ def test_a_short_ddp_rank_is_padded_to_the_common_step_count(built: Path) -> Non
     loaders = [BatchLoader(source, (n // 2) // 2, rank=r, world_size=2) for r in range(2)]
     steps = len(loaders[0])
     for loader in loaders:
-        plan = epoch_plan(loader, steps)
+        plan = loader.plan(pad_to=steps)
         assert len(plan) == steps and set(np.concatenate(loader.plan())) <= set(np.concatenate(plan))
     with pytest.raises(ValueError, match="cannot make"):
-        epoch_plan(loaders[0], steps - 1)
+        loaders[0].plan(pad_to=steps - 1)
 
 
 class _Rows(Source):
@@ -222,11 +222,11 @@ class _Rows(Source):
 
 def test_a_short_rank_resumed_at_its_last_step_still_gets_the_padding_batch() -> None:
     # 9 rows, 2 ranks, batches of 4: rank 0 holds 5 rows (2 batches), rank 1 holds 4 (1 batch, padded to 2)
-    whole = [epoch_plan(BatchLoader(_Rows(9), 4, rank=r, world_size=2), 2) for r in range(2)]
+    whole = [BatchLoader(_Rows(9), 4, rank=r, world_size=2).plan(pad_to=2) for r in range(2)]
     assert [len(p) for p in whole] == [2, 2] and len(whole[1][1]) == 1 and whole[1][1][0] == whole[1][0][0]
     for rank in range(2):
         loader = BatchLoader(_Rows(9), 4, rank=rank, world_size=2, start_step=1)
-        resumed = epoch_plan(loader, 2)
+        resumed = loader.plan(pad_to=2)
         assert len(resumed) == 1 and np.array_equal(resumed[0], whole[rank][1])  # the same batch as unbroken
 
 

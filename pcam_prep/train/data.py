@@ -101,11 +101,6 @@ def keep_freed_memory_on_cpu() -> None:
     tune_malloc({M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 4 * 1024**3})
 
 
-def epoch_plan(loader: BatchLoader, steps: int | None = None, worker: int = 0, num_workers: int = 1) -> list[np.ndarray]:
-    """The rest of the epoch from the loader's start_step, its whole plan padded to `steps` batches first."""
-    return loader.plan(worker, num_workers, pad_to=steps)
-
-
 def host_batch(loader: BatchLoader, index: np.ndarray, pin: bool) -> HostBatch:
     """A batch as host tensors; with `pin`, gathered straight into pinned memory (no extra copy)."""
     images = torch.empty((len(index), *loader.source.shape), dtype=torch.uint8, pin_memory=pin)
@@ -125,7 +120,7 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[HostBatch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for index in epoch_plan(self.loader, self.steps, worker, workers):
+        for index in self.loader.plan(worker, workers, pad_to=self.steps):
             yield host_batch(self.loader, index, pin=False)  # DataLoader(pin_memory=True) pins in the parent
 
 
@@ -199,7 +194,7 @@ def stream_batches(loader: BatchLoader, device: torch.device, *, steps: int | No
         hosts: Iterable[HostBatch] = DataLoader(ShardStream(loader, steps), batch_size=None, num_workers=workers,
                                                 pin_memory=cuda, prefetch_factor=depth)
     else:
-        hosts = (host_batch(loader, index, pin=cuda) for index in epoch_plan(loader, steps))
+        hosts = (host_batch(loader, index, pin=cuda) for index in loader.plan(pad_to=steps))
     stream = torch.cuda.Stream(device) if cuda else None
     for batch, done in prefetch((_start_copy(h, device, stream) for h in hosts), depth):
         yield _finish_copy(batch, done)

@@ -41,7 +41,6 @@ from .data import (
     DeviceBatch,
     Normalise,
     ResidentSplit,
-    epoch_plan,
     fold_sources,
     keep_freed_memory_on_cpu,
     resident_fits,
@@ -276,7 +275,7 @@ def train_epoch(run: Run, epoch: int, progress: Callable[[Progress], None] | Non
 def epoch_batches(run: Run):
     """The epoch's batches from run.state.step on (the loader already starts there), padded to run.steps."""
     if run.resident is not None:
-        return run.resident.batches(epoch_plan(run.loader, run.steps))
+        return run.resident.batches(run.loader.plan(pad_to=run.steps))
     return stream_batches(run.loader, run.device, steps=run.steps, workers=run.config.workers)
 
 
