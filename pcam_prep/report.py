@@ -257,8 +257,7 @@ def plot_rejects(rejects: pd.DataFrame, layout: KaggleLayout, shape, path: Path,
     shown = rejects.groupby("reason", sort=True).head(2).head(limit)
     fig, axes = _tile_grid(len(shown), 6, f"rejected files: {len(shown)} of {len(rejects)} shown")
     for ax, row in zip(axes, shown.itertuples()):
-        tile = "no file" if not row.path else (
-            "not a regular file" if row.reason == "not-regular" else source_tile(layout.root / row.path, shape))
+        tile = source_tile(layout.root / row.path, shape) if row.path else "no file"  # read_file opens no link or pipe
         _tile(ax, tile, f"{row.reason}\n{row.id[:12]}", text=f"{tile}:\n{row.detail[:60]}" if row.detail else "")
     return _save(fig, path)
 
