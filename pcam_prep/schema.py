@@ -1,22 +1,23 @@
 """The one description of what the writers write and the loaders read.
 
 Every writer and every loader imports its names, shapes and layouts from here, so the
-two sides cannot drift apart.
+two sides cannot drift apart: image shape, the label's centre window, split flags, file
+names, the shard byte layout (and the strided view of a shard's pixels), and the protocol
+every source of rows follows.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 IMAGE_SIZE = 96
 CHANNELS = 3
 IMAGE_DTYPE = np.dtype(np.uint8)
-CENTRE = 32  # PCam label window: the centre 32x32 of a 96x96 patch
-
-SPLITS = ("train", "test")  # the Kaggle splits; a build's own list is `Analysis.specs` / manifest `splits`
 FORMATS = ("wds", "zarr", "hdf5")
 
 
@@ -44,16 +45,10 @@ MANIFEST_NAME = "manifest.json"
 RUN_INFO_NAME = "run.json"  # timings and host: kept out of the checksummed outputs
 REJECTS_NAME = "rejects.csv"
 DUPLICATES_NAME = "duplicates.csv"
-ARRAY_FIELDS = {
-    "train": ("x", "y", "id", "fold"),
-    "test": ("x", "id"),
-}  # the Kaggle splits; array_fields(spec) in general
-ID_LENGTH = 40  # sha1 hex; longer ids are stored in variable-length form
 
 # WebDataset members. Only these are ever decoded by our loaders.
 IMAGE_MEMBER = "npy"
 LABEL_MEMBER = "cls"
-KNOWN_MEMBERS = (IMAGE_MEMBER, LABEL_MEMBER)
 
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # what tarfile pads a finished archive to
@@ -71,13 +66,21 @@ def torchvision_name(split: str, member: str) -> str:
     return f"camelyonpatch_level_2_split_{TORCHVISION_SPLITS[split]}_{member}.h5"
 
 
-def array_fields(spec: SplitSpec) -> tuple[str, ...]:
-    """Paths under `{split}/` in pcam.zarr and pcam.h5."""
-    return ("x", *(("y",) if spec.labelled else ()), "id", *(("fold",) if spec.folded else ()))
-
-
 def image_shape(size: int = IMAGE_SIZE) -> tuple[int, int, int]:
     return (size, size, CHANNELS)
+
+
+def centre_window(size: int) -> slice:
+    """The PCam label window along one axis: a size//3 run centred in `size` (32:64 of 96).
+
+    A patch is positive when tumour touches this square; the models pool the same window of
+    their last feature map, and the report outlines it.
+    """
+    width = size // 3
+    start = (size - width) // 2
+    return slice(start, start + width)
+
+
 
 
 def is_safe_id(sample_id: str) -> bool:
@@ -148,3 +151,29 @@ def shard_name(split: str, index: int, fold: int | None = None) -> str:
     if fold is not None:
         return f"{split}-f{fold}-{index:06d}.tar"
     return f"{split}-{index:06d}.tar"
+
+
+def pixels_view(data: np.ndarray, layout: SampleLayout, count: int) -> np.ndarray:
+    """The pixels of `count` consecutive samples in `data` (shard bytes) as a strided (count, H, W, 3) view."""
+    h, w, c = layout.shape
+    return np.lib.stride_tricks.as_strided(
+        data[layout.pixel_offset :], shape=(count, h, w, c), strides=(layout.stride, w * c, c, 1), writeable=False
+    )
+
+
+class RowSource(Protocol):
+    """Rows of one split that a build task reads again: source files, PCam rows or finished shards.
+
+    Everything in it is paths and plain values, so it pickles to any worker; nothing is open.
+    """
+
+    def __len__(self) -> int: ...
+
+    def part(self, start: int, stop: int) -> RowSource:
+        """Rows [start, stop), in order."""
+
+    def blocks(self, shape: tuple[int, int, int], rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(offset, images) for consecutive runs of at most `rows` images, in row order."""
+
+    def fingerprint(self) -> list[tuple[int, ...]]:
+        """What the rows' bytes depend on besides ids and labels (file sizes, mtimes, row numbers)."""

@@ -10,17 +10,17 @@ and the same pixels and labels row for row.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import PcamPrepError
+from .errors import PcamPrepError
+from .files import sha256_file, sha256_tree
 from .loader import FORMATS, Source, open_source, split_spec
+from .manifest import read_manifest, safe_relpath
+from .progress import ProgressFn
 from .schema import TORCHVISION_DIR, torchvision_name
-from .writers import sha256_file, sha256_tree
-from .writers.manifest import read_manifest, safe_relpath
 
 logger = logging.getLogger(__name__)
 CHUNK = 512
@@ -38,7 +38,7 @@ class VerifyReport:
 
 
 def verify(out: Path, sample: int | None = None, seed: int = 0,
-           progress: Callable[[str, int, int], None] | None = None) -> VerifyReport:
+           progress: ProgressFn | None = None) -> VerifyReport:
     """Check `out` against its manifest; problems name the file or sample at fault."""
     out = Path(out)
     manifest = read_manifest(out)

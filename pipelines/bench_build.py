@@ -79,7 +79,7 @@ def contenders(src: Path, work: Path, shard: int, workers: int | None,
         extra = ["--workers", str(workers)] if workers else []
         extra += ["--scheduler", scheduler] if scheduler else []
         name = f"ours-{formats}" + ("-cluster" if scheduler else "")
-        return lambda: timed([sys.executable, "-m", "pcam_prep.cli", "build", "--src", str(src), "--out",
+        return lambda: timed([sys.executable, "-m", "pcam_prep", "build", "--src", str(src), "--out",
                               str(fresh(name)), "--formats", formats, "--shard-size", str(shard), *extra])
 
     n_files = sum(1 for _ in src.rglob("*.tif"))
@@ -118,7 +118,7 @@ def main() -> None:
     if src is None:
         src = work / "src"
         if not (src / "train_labels.csv").exists():
-            subprocess.run([sys.executable, "-m", "pcam_prep.cli", "synth", str(src), "--train", str(args.train),
+            subprocess.run([sys.executable, "-m", "pcam_prep", "synth", str(src), "--train", str(args.train),
                             "--test", str(args.test), "--seed", "7"], check=True)
     n_images = sum(1 for _ in (src / "train").iterdir()) + sum(1 for _ in (src / "test").iterdir())
     runs = contenders(src, work, args.shard_size, args.workers, args.local_cluster)
@@ -151,11 +151,11 @@ def memory_scaling(work: Path, sizes: list[int], shard: int) -> dict[int, float]
     for n in sizes:
         src = work / f"mem-{n}"
         if not (src / "train_labels.csv").exists():
-            subprocess.run([sys.executable, "-m", "pcam_prep.cli", "synth", str(src), "--train", str(n), "--test",
+            subprocess.run([sys.executable, "-m", "pcam_prep", "synth", str(src), "--train", str(n), "--test",
                             str(n // 4), "--seed", "11"], check=True, stdout=subprocess.DEVNULL)
         out = work / f"mem-out-{n}"
         shutil.rmtree(out, ignore_errors=True)
-        _, peaks[n] = timed([sys.executable, "-m", "pcam_prep.cli", "build", "--src", str(src), "--out", str(out),
+        _, peaks[n] = timed([sys.executable, "-m", "pcam_prep", "build", "--src", str(src), "--out", str(out),
                              "--shard-size", str(shard)])
         shutil.rmtree(out, ignore_errors=True)
     if peaks:

@@ -31,7 +31,7 @@ TRAIN, TEST = 220_025, 57_458
 
 def synth(root: Path, train: int, test: int) -> Path:
     if not (root / "sample_submission.csv").exists():
-        subprocess.run([sys.executable, "-m", "pcam_prep.cli", "synth", str(root), "--train", str(train),
+        subprocess.run([sys.executable, "-m", "pcam_prep", "synth", str(root), "--train", str(train),
                         "--test", str(test), "--seed", "2026"], check=True)
     return root
 
@@ -42,7 +42,7 @@ def folder_bytes(path: Path) -> int:
 
 def build(src: Path, out: Path, formats: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    wall, rss = timed([sys.executable, "-m", "pcam_prep.cli", "build", "--src", str(src), "--out", str(out),
+    wall, rss = timed([sys.executable, "-m", "pcam_prep", "build", "--src", str(src), "--out", str(out),
                        "--formats", formats])
     stages = json.loads((out / "run.json").read_text())["stages"]
     return {"seconds": wall, "rss_mib": rss, "bytes": folder_bytes(out), "stages": stages}

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pcam_prep.executor import keep_freed_memory
 from pcam_prep.loader import BatchLoader, batch_plan, open_source
-from pcam_prep.writers.manifest import read_manifest, safe_relpath
+from pcam_prep.manifest import read_manifest, safe_relpath
+from pcam_prep.memory import keep_freed_memory
 
 
 def stock(shards: Path, batch_size: int) -> Iterator[int]:

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pcam_prep.config import BuildConfig
 from pcam_prep.pipeline import build
+from pcam_prep.pipeline.config import BuildConfig
 from pcam_prep.synth import write_kaggle
 
 

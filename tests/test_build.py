@@ -15,9 +15,9 @@ import tifffile
 import webdataset as wds
 import zarr
 
-from pcam_prep.config import BuildConfig
+from pcam_prep.files import sha256_file, sha256_tree
 from pcam_prep.pipeline import build
-from pcam_prep.writers import sha256_file, sha256_tree
+from pcam_prep.pipeline.config import BuildConfig
 
 from .corpus import image, write_bad
 

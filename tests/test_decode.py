@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from pcam_prep.decode import Reject, TiffDecoder
-from pcam_prep.validate import inspect_batch
+from pcam_prep.sources.decode import Reject, TiffDecoder
+from pcam_prep.sources.validate import inspect_batch
 
 from .corpus import ENCODINGS, SHAPE, image, write_bad, write_encoding
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pcam_prep.config import BuildConfig
 from pcam_prep.pipeline import build
+from pcam_prep.pipeline.config import BuildConfig
 
 pytest.importorskip("distributed")
 
@@ -61,6 +61,7 @@ def test_cluster_build_is_byte_identical_to_a_local_build(cluster: str, kaggle_s
     shutil.rmtree(out)
 
 
+@pytest.mark.slow
 def test_unreachable_scheduler_is_a_clear_error(kaggle_src: Path, tmp_path: Path) -> None:
     from pcam_prep import PcamPrepError
 

@@ -18,10 +18,10 @@ from matplotlib.colors import rgb_to_hsv
 from matplotlib.figure import Figure
 from PIL import Image
 
-from pcam_prep.cli_stats import stats
-from pcam_prep.config import BuildConfig
-from pcam_prep.eda import channel_histograms, choose_rows, mean_saturation
+from pcam_prep.cli.stats import stats
+from pcam_prep.eda.collect import channel_histograms, choose_rows, mean_saturation
 from pcam_prep.pipeline import build
+from pcam_prep.pipeline.config import BuildConfig
 from pcam_prep.synth import write_kaggle
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -128,7 +128,7 @@ def test_table_names_what_matters(out: Path) -> None:
 
 def fake_run(folder: Path, with_pngs: bool) -> Path:
     folder.mkdir()
-    epochs = [{"train_loss": 0.7 - 0.1 * i, "val_loss": 0.72 - 0.08 * i, "val_auc": 0.6 + 0.1 * i,
+    epochs = [{"epoch": i + 1, "train_loss": 0.7 - 0.1 * i, "val_loss": 0.72 - 0.08 * i, "val_auc": 0.6 + 0.1 * i,
                "val_acc": 0.55 + 0.1 * i} for i in range(3)]
     (folder / "metrics.json").write_text(json.dumps({"epochs": epochs, "best_epoch": 2}))
     if with_pngs:
@@ -220,3 +220,19 @@ def test_sample_choice_is_seeded_and_per_label() -> None:
     assert all(np.array_equal(first[k], again[k]) for k in (0, 1))
     assert all((labels[first[k]] == k).all() and len(first[k]) == 5 for k in (0, 1))
     assert len(choose_rows(labels, 100, seed=0)[1]) == 20
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "wds"])
+def test_stats_covers_every_split_of_a_pcam_build_without_test(tmp_path: Path, fmt: str) -> None:
+    from pcam_prep.synth import write_pcam_h5
+
+    write_pcam_h5(tmp_path / "src", 40, 12, 0, seed=2)
+    build(BuildConfig(src=tmp_path / "src", out=tmp_path / "out", formats=(fmt,), folds=2, workers=1))
+    found, _ = run_stats(tmp_path / "out", "--json", "--workers", "1")
+    assert list(found["splits"]) == ["train", "valid"]
+    for split in ("train", "valid"):
+        part = found["background"][split]
+        assert part["images"] == found["splits"][split]["count"] > 0
+        assert sum(p["images"] for p in part["by_label"].values()) == part["images"]
+    run_stats(tmp_path / "out", "--report", tmp_path / "report", "--workers", "1")
+    assert (tmp_path / "report" / "intensity_histograms.png").is_file()

@@ -3,7 +3,7 @@ import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pcam_prep.folds import assign_folds, stratified_folds, stratified_group_folds
+from pcam_prep.pipeline.folds import assign_folds, stratified_folds, stratified_group_folds
 
 labels_st = st.lists(st.integers(0, 1), min_size=1, max_size=400)
 

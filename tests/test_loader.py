@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pcam_prep import PcamPrepError
-from pcam_prep.config import BuildConfig
 from pcam_prep.loader import BatchLoader, ShardError, ShardReader, batch_plan, open_source
 from pcam_prep.pipeline import build
+from pcam_prep.pipeline.config import BuildConfig
 from pcam_prep.schema import SampleLayout
 
 
@@ -53,14 +53,14 @@ def test_hdf5_rows_match_the_shards_whether_chunks_are_mapped_or_decoded(kaggle_
     wds, h5 = open_source(tmp_path, "train"), open_source(tmp_path, "train", None, "hdf5")
     index = np.random.default_rng(1).permutation(len(wds))[:40]
     np.testing.assert_array_equal(h5.take(index), wds.take(index))
-    assert bool(h5._chunks) == (codec == "none")  # unfiltered chunks are memory-mapped; lzf goes through h5py
+    assert bool(h5.reader._chunks) == (codec == "none")  # unfiltered chunks are memory-mapped; lzf goes through h5py
 
 
 def test_a_source_that_reads_through_h5py_still_does_after_pickling(built: Path) -> None:
     source = pickle.loads(pickle.dumps(open_source(built, "train", None, "hdf5", mapped=False)))
     index = np.arange(5)
     np.testing.assert_array_equal(source.take(index), open_source(built, "train").take(index))
-    assert not source._chunks  # verify's reads must go through h5py in every process
+    assert not source.reader._chunks  # verify's reads must go through h5py in every process
 
 
 def test_a_row_outside_the_split_is_named(built: Path) -> None:
@@ -175,3 +175,21 @@ def test_sources_pickle_without_their_maps_or_handles(built: Path) -> None:
         clone = pickle.loads(pickle.dumps(source))
         np.testing.assert_array_equal(clone.take(np.arange(3)), source.take(np.arange(3)))
         assert len(pickle.dumps(source)) < 200_000  # no pixels travel
+
+
+def test_state_dict_resumes_mid_epoch_with_the_batches_not_yet_seen(built: Path) -> None:
+    source = open_source(built, "train")
+    whole = [b.index for b in BatchLoader(source, 8, seed=5, epoch=2)]
+    loader = BatchLoader(source, 8, seed=5, epoch=2)
+    it = iter(loader)
+    first = [next(it).index for _ in range(3)]
+    state = loader.state_dict()
+    assert state["epoch"] == 2 and state["step"] == 3
+    fresh = BatchLoader(source, 8, seed=5)
+    fresh.load_state_dict(state)
+    rest = [b.index for b in fresh]
+    assert len(first) + len(rest) == len(whole)
+    for got, want in zip(first + rest, whole):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="batch_size=8"):
+        BatchLoader(source, 16, seed=5).load_state_dict(state)

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import tifffile
 
-from pcam_prep.config import BuildConfig
-from pcam_prep.dedup import _views, dihedral_digest
 from pcam_prep.loader import open_source
 from pcam_prep.pipeline import build
+from pcam_prep.pipeline.config import BuildConfig
+from pcam_prep.pipeline.dedup import _views, dihedral_digest
 from pcam_prep.synth import write_kaggle
 
 from .corpus import image, sha1_id

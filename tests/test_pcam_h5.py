@@ -21,13 +21,13 @@ from hypothesis import strategies as st
 
 from pcam_prep import PcamPrepError
 from pcam_prep.cli import main
-from pcam_prep.config import BuildConfig
-from pcam_prep.dedup import dedup
 from pcam_prep.loader import open_source
 from pcam_prep.pipeline import build
+from pcam_prep.pipeline.config import BuildConfig
+from pcam_prep.pipeline.dedup import dedup
 from pcam_prep.schema import PCAM_SPLITS
 from pcam_prep.sources import pcam_h5
-from pcam_prep.synth_pcam import write_pcam_h5
+from pcam_prep.synth import write_pcam_h5
 from pcam_prep.verify import verify
 
 from .corpus import image

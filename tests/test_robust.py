@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import signal
@@ -14,10 +15,10 @@ from pathlib import Path
 import pytest
 import zarr
 
-from pcam_prep.config import BuildConfig
-from pcam_prep.decode import Reject, read_file
 from pcam_prep.pipeline import build
+from pcam_prep.pipeline.config import BuildConfig
 from pcam_prep.schema import SampleLayout
+from pcam_prep.sources.decode import Reject, read_file
 from pcam_prep.synth import write_kaggle
 from pcam_prep.verify import verify
 
@@ -39,7 +40,7 @@ def test_sigkill_mid_build_then_rerun_is_byte_identical(bigger_src: Path, tmp_pa
     build(BuildConfig(src=bigger_src, out=reference, shard_size=8, chunk_rows=8, scheduler="sync"))
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "pcam_prep.cli", "build", "--out", str(out), *args],
+    proc = subprocess.Popen([sys.executable, "-m", "pcam_prep", "build", "--out", str(out), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while len(list((out / "wds").glob("*.tar"))) < 5:
@@ -70,6 +71,9 @@ def test_a_corrupted_finished_shard_is_rewritten_not_reused(bigger_src: Path, tm
     shard.write_bytes(bytes(data))
     build(config)
     assert digests(out) == before
+    # the manifest alone could be right while the file is not: hash what is on disk
+    assert hashlib.sha256(shard.read_bytes()).hexdigest() == before[f"wds/{shard.name}"]
+    assert verify(out).ok
 
 
 def test_verify_catches_a_flipped_pixel_and_names_file_and_sample(built: Path, tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pcam_prep.stats import Moments, channel_moments, merge
+from pcam_prep.moments import Moments, channel_moments, merge
 
 
 @pytest.mark.parametrize("shape", [(1, 96, 96, 3), (65, 96, 96, 3), (3, 50, 50, 3), (0, 96, 96, 3)])

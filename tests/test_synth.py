@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from pcam_prep.synth import SynthSummary, centre_window, make_patch, write_kaggle
+from pcam_prep.schema import centre_window
+from pcam_prep.synth import SynthSummary, make_patch, write_kaggle
 
 
 def _rows(path: Path) -> list[list[str]]:
@@ -32,10 +33,10 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SynthSummary]
 
 
 def test_centre_window_is_the_pcam_window():
-    assert centre_window(96) == (slice(32, 64), slice(32, 64))
+    assert centre_window(96) == slice(32, 64)
     for size in (32, 33, 64, 100, 97):
-        rows, cols = centre_window(size)
-        assert rows == cols and rows.stop - rows.start == size // 3
+        rows = centre_window(size)
+        assert rows.stop - rows.start == size // 3
         assert abs(rows.start - (size - rows.stop)) <= 1  # centred
 
 
@@ -75,7 +76,7 @@ def test_files_are_plain_tifffile_output_named_by_pixel_sha1(small, tmp_path: Pa
 @pytest.mark.parametrize("size", [96, 32, 100])
 def test_label_rule_holds_for_every_draw(size: int):
     rng = np.random.default_rng(7)
-    win = centre_window(size)
+    win = (centre_window(size),) * 2
     draws = 300 if size == 96 else 40
     outer_tumour = 0
     for label in (0, 1):
@@ -119,9 +120,9 @@ def test_rewriting_a_folder_overwrites_and_warns_about_strays(tmp_path: Path, ca
 
 
 def test_progress_reports_every_file(tmp_path: Path):
-    calls: list[int] = []
-    write_kaggle(tmp_path, 290, 10, seed=0, progress=calls.append)
-    assert calls == [256, 44]
+    calls: list[tuple[str, int, int]] = []
+    write_kaggle(tmp_path, 290, 10, seed=0, progress=lambda *call: calls.append(call))
+    assert calls == [("synth", 256, 300), ("synth", 300, 300)]
 
 
 @pytest.mark.parametrize("fraction, positives", [(0.0, 0), (1.0, 12), (0.5, 6)])

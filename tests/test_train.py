@@ -28,12 +28,11 @@ from hypothesis import strategies as st
 
 from pcam_prep import PcamPrepError
 from pcam_prep.cli import main
-from pcam_prep.config import BuildConfig
 from pcam_prep.loader import BatchLoader, Source, open_source
 from pcam_prep.pipeline import build
-from pcam_prep.schema import CENTRE
-from pcam_prep.synth import write_kaggle
-from pcam_prep.synth_pcam import write_pcam_h5
+from pcam_prep.pipeline.config import BuildConfig
+from pcam_prep.schema import centre_window
+from pcam_prep.synth import write_kaggle, write_pcam_h5
 from pcam_prep.train.augment import colour_jitter, dihedral, dihedral_codes
 from pcam_prep.train.config import TrainConfig
 from pcam_prep.train.data import Normalise, ResidentSplit, ShardStream, stream_batches
@@ -57,6 +56,7 @@ def quality(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"out": root / "out", "run": root / "run", "metrics": metrics, "seconds": time.perf_counter() - start}
 
 
+@pytest.mark.slow
 def test_two_cpu_epochs_of_the_default_model_reach_auc_097(quality: dict) -> None:
     metrics = quality["metrics"]
     print(f"\n2 epochs, 800 train / 200 val: AUC {metrics['best_val_auc']:.4f} in {quality['seconds']:.1f}s, "
@@ -67,8 +67,8 @@ def test_two_cpu_epochs_of_the_default_model_reach_auc_097(quality: dict) -> Non
 
 
 def _centre(images: np.ndarray) -> tuple[slice, slice, slice, slice]:
-    lo = (images.shape[1] - CENTRE) // 2
-    return slice(None), slice(lo, lo + CENTRE), slice(lo, lo + CENTRE), slice(None)
+    window = centre_window(images.shape[1])
+    return slice(None), window, window, slice(None)
 
 
 def test_negative_tissue_in_the_centre_window_lowers_the_score(quality: dict) -> None:
@@ -348,6 +348,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(built: Path, tmp_path: Pat
     assert result.exit_code != 0 and "last.pt does not exist" in result.output
 
 
+@pytest.mark.slow
 def test_two_process_gloo_ddp_run_completes_with_uneven_ranks(tmp_path: Path) -> None:
     write_kaggle(tmp_path / "src", 61, 4, seed=7)
     build(BuildConfig(src=tmp_path / "src", out=tmp_path / "out", folds=2, workers=1, formats=("wds",)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import PcamPrepError
+from ..errors import PcamPrepError
 from . import kaggle, pcam_h5
 from .base import Inventory
 

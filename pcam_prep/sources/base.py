@@ -16,12 +16,35 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from ..schema import SplitSpec
+from ..schema import RowSource, SplitSpec
 
 REJECT_COLUMNS = ["id", "path", "reason", "detail"]
 
+# Every reason a file can be rejected for, with the words rejects.csv users will read.
+REASONS = {
+    "empty": "zero-byte file",
+    "not-tiff": "not a TIFF file",
+    "unreadable": "corrupt or unsupported TIFF",
+    "truncated": "file shorter than its pixel data",
+    "too-large": "file or header larger than any patch could be",
+    "multi-page": "more than one image in the file",
+    "bad-shape": "wrong height/width",
+    "bad-channels": "not 3-channel RGB",
+    "bad-dtype": "not 8-bit",
+    "blank": "all-black or all-white patch",
+    "no-label": "no row in the labels CSV",
+    "bad-label": "label is not 0 or 1",
+    "bad-id": "id is not a plain file name",
+    "missing-file": "labels row whose file does not exist",
+    "stray-file": "not a .tif file",
+    "not-regular": "symbolic link, folder or device where a file was expected (never followed)",
+    "io-error": "could not be read from disk",
+}
+
 
 class RowReader(Protocol):
+    """How a layout's rows are inspected, located for rejects.csv, and handed to the write stage."""
+
     ids_from_pixels: bool  # True: a row's id is the sha1 of its pixels, known only after inspection
 
     def inspect_call(self, rows: pd.DataFrame, shape: tuple[int, int, int], keep_blank: bool,
@@ -31,8 +54,8 @@ class RowReader(Protocol):
     def locate(self, rows: pd.DataFrame, root: Path) -> list[str]:
         """Where each row came from, relative to `root`, for rejects.csv."""
 
-    def rows(self, frame: pd.DataFrame) -> Any:
-        """The write-stage source of `frame`'s rows, in frame order (write.Files or pcam_h5.H5Rows)."""
+    def rows(self, frame: pd.DataFrame) -> RowSource:
+        """The write-stage source of `frame`'s rows, in frame order (kaggle.Files or pcam_h5.H5Rows)."""
 
 
 def stamps_of(frame: pd.DataFrame) -> list[tuple[int, int]]:
@@ -61,5 +84,7 @@ class Inventory:
 
 
 def reject_row(sample_id: str, path: Path | None, root: Path, reason: str, detail: str) -> dict:
+    if reason not in REASONS:
+        raise ValueError(f"unknown reject reason {reason!r}; add it to sources.base.REASONS (and the README)")
     rel = "" if path is None else os.path.relpath(path, root)
     return {"id": sample_id, "path": rel, "reason": reason, "detail": detail}

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from .. import PcamPrepError
+from ..errors import PcamPrepError
 from ..schema import KAGGLE_SPLITS, is_safe_id
-from ..validate import inspect_batch
-from ..write import Files
 from .base import REJECT_COLUMNS, Inventory, stamps_of
 from .base import reject_row as _reject
+from .validate import inspect_batch, load_images
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,28 @@ class KaggleLayout:
     train: Path
     labels: Path
     test: Path | None
+
+
+@dataclass(frozen=True)
+class Files:
+    """Rows that come from the source files (re-read and checked against their stamps): a `schema.RowSource`."""
+
+    paths: list[str]
+    stamps: list[tuple[int, int]]  # (size, mtime_ns) at inspection
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def part(self, start: int, stop: int) -> Files:
+        return Files(self.paths[start:stop], self.stamps[start:stop])
+
+    def fingerprint(self) -> list[tuple[int, int]]:
+        return self.stamps
+
+    def blocks(self, shape: tuple[int, int, int], rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        for start in range(0, len(self.paths), rows):
+            stop = start + rows
+            yield start, load_images(self.paths[start:stop], self.stamps[start:stop], shape)
 
 
 class TifReader:

@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import PcamPrepError
+from ..errors import PcamPrepError, SourceChanged
+from ..files import check_unchanged, file_stamp
+from ..moments import channel_moments
 from ..schema import PCAM_SPLITS
-from ..stats import channel_moments
-from ..validate import BatchReport, SourceChanged, blank_mask
 from .base import REJECT_COLUMNS, Inventory, stamps_of
+from .validate import BatchReport, blank_mask
 
 logger = logging.getLogger(__name__)
 
@@ -129,9 +130,8 @@ class H5Rows:
     def __len__(self) -> int:
         return len(self.index)
 
-    @property
-    def stamps(self) -> list[tuple[int, int, int]]:
-        """What a piece's bytes depend on (write.piece_plan): the file, and which rows."""
+    def fingerprint(self) -> list[tuple[int, int, int]]:
+        """What a piece's bytes depend on (pipeline.tasks.piece_plan): the file, and which rows."""
         return [(*self.stamp, int(r)) for r in self.index]
 
     def part(self, start: int, stop: int) -> H5Rows:
@@ -142,17 +142,6 @@ class H5Rows:
             yield start, read_rows(self.path, self.index[start : start + rows], self.stamp)
 
 
-def file_stamp(path: str | Path) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
-
-
-def _unchanged(path: str, stamp: tuple[int, int]) -> None:
-    now = file_stamp(path)
-    if now != tuple(stamp):
-        raise SourceChanged(f"{path} changed while the build was running (size/mtime {tuple(stamp)} -> {now})")
-
-
 def read_range(path: str, start: int, stop: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Rows [start, stop) of x, and the file's stamp (checked unchanged across the read)."""
     import h5py
@@ -160,7 +149,7 @@ def read_range(path: str, start: int, stop: int) -> tuple[np.ndarray, tuple[int,
     stamp = file_stamp(path)
     with h5py.File(path, "r") as fh:
         images = fh[X_KEY][start:stop]
-    _unchanged(path, stamp)
+    check_unchanged(path, stamp)
     return images, stamp
 
 
@@ -168,7 +157,7 @@ def read_rows(path: str, rows: np.ndarray, stamp: tuple[int, int]) -> np.ndarray
     """Rows `rows` of x, in that order. Reads in file order, each touched chunk once per call."""
     import h5py
 
-    _unchanged(path, stamp)
+    check_unchanged(path, stamp)
     order = np.argsort(rows, kind="stable")
     wanted = np.asarray(rows)[order]
     with h5py.File(path, "r") as fh:
@@ -176,7 +165,7 @@ def read_rows(path: str, rows: np.ndarray, stamp: tuple[int, int]) -> np.ndarray
         out = np.empty((len(wanted), *x.shape[1:]), x.dtype)
         for lo, hi, first, last in _spans(wanted, x.chunks[0] if x.chunks else 1, _SPAN_ROWS):
             out[order[first:last]] = x[lo:hi][wanted[first:last] - lo]
-    _unchanged(path, stamp)
+    check_unchanged(path, stamp)
     return out
 
 

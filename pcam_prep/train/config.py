@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import PcamPrepError
+from ..errors import PcamPrepError
 from ..loader import FORMATS
 
 ARCHS = ("small", "resnet")

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .. import PcamPrepError
-from ..executor import M_MMAP_MAX, M_TRIM_THRESHOLD, tune_malloc
+from ..errors import PcamPrepError
 from ..loader import BatchLoader, Source, open_source
-from ..writers.manifest import read_manifest
+from ..manifest import read_manifest
+from ..memory import M_MMAP_MAX, M_TRIM_THRESHOLD, tune_malloc
 
 logger = logging.getLogger(__name__)
 

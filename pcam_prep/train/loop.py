@@ -31,10 +31,10 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 
-from .. import PcamPrepError
+from ..errors import PcamPrepError
+from ..files import tmp_path, write_json_atomic
 from ..loader import BatchLoader
-from ..writers import tmp_path
-from ..writers.manifest import read_manifest, write_json_atomic
+from ..manifest import read_manifest
 from .augment import augment
 from .config import TrainConfig, jsonable
 from .data import (

@@ -12,7 +12,8 @@ import itertools
 import torch
 from torch import nn
 
-from .. import PcamPrepError
+from ..errors import PcamPrepError
+from ..schema import centre_window
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -29,7 +30,7 @@ class CentreHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        centre = x[..., h // 3 : h - h // 3, w // 3 : w - w // 3]
+        centre = x[..., centre_window(h), centre_window(w)]  # the label's window, on the feature map
         pooled = torch.cat([x.mean((2, 3)), centre.mean((2, 3))], dim=1)
         return self.fc(self.drop(pooled)).squeeze(1)
 

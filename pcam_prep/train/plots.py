@@ -7,25 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from ..writers import tmp_path
+from ..figures import figure as _figure
+from ..figures import save as _save
 from .metrics import confusion, roc_auc, roc_curve
-
-
-def _figure(width: float, height: float):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
-
-
-def _save(fig: Any, path: Path) -> Path:
-    path = Path(path)
-    tmp = tmp_path(path)
-    fig.savefig(tmp, format="png", metadata={"Software": None})  # no version stamp: same data, same bytes
-    tmp.replace(path)
-    return path
 
 
 def plot_curves(history: list[dict[str, Any]], best_epoch: int | None, path: Path) -> Path:

@@ -6,7 +6,6 @@ import csv
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import PcamPrepError
+from ..errors import PcamPrepError
+from ..files import tmp_path
 from ..loader import BatchLoader, open_source
-from ..writers import tmp_path
+from ..progress import Counter, ProgressFn
 from .augment import dihedral
 from .config import PredictConfig
 from .data import Normalise, keep_freed_memory_on_cpu, resolve_device, stream_batches
@@ -54,17 +54,17 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[nn.Module, dict[s
 
 @torch.no_grad()
 def predict_probs(model: nn.Module, loader: BatchLoader, norm: Normalise, device: torch.device, tta: int = 1,
-                  progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  progress: ProgressFn | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(rows, probabilities) for one pass over `loader`, averaged over the first `tta` dihedral views."""
     index, probs = [], []
+    counter = Counter(progress, "predict", sum(len(rows) for rows in loader.plan()))
     for batch in stream_batches(loader, device):
         unit = Normalise.to_unit(batch.images)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):  # as trained
             views = [torch.sigmoid(model(norm(dihedral(unit, code))).float()) for code in range(tta)]
         probs.append(torch.stack(views).mean(0))
         index.append(batch.index)
-        if progress is not None:
-            progress(len(batch.index))
+        counter.add(len(batch.index))
     if not index:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
     return np.concatenate(index), torch.cat(probs).cpu().numpy()
@@ -87,8 +87,8 @@ def write_predictions(path: Path, ids: np.ndarray, labels: np.ndarray | None, pr
     return path
 
 
-def predict(config: PredictConfig, progress: Callable[[int, int], None] | None = None) -> PredictResult:
-    """Score the test split (or a train fold) with a checkpoint and write the CSV; `progress(done, total)`."""
+def predict(config: PredictConfig, progress: ProgressFn | None = None) -> PredictResult:
+    """Score the test split (or a train fold) with a checkpoint and write the CSV; `progress("predict", done, total)`."""
     start = time.perf_counter()
     device = resolve_device(config.device)
     if device.type == "cpu":
@@ -100,16 +100,8 @@ def predict(config: PredictConfig, progress: Callable[[int, int], None] | None =
     if not len(source):
         raise PcamPrepError(f"{config.shards} has no {config.split} images to score")
     norm = Normalise(ckpt["mean"], ckpt["std"], device)  # the training normalisation, whatever these shards say
-    done = 0
-
-    def count(k: int) -> None:
-        nonlocal done
-        done += k
-        if progress is not None:
-            progress(done, len(source))
-
     loader = BatchLoader(source, config.batch_size, shuffle=False)
-    index, probs = predict_probs(model, loader, norm, device, config.tta, count)
+    index, probs = predict_probs(model, loader, norm, device, config.tta, progress)
     labels = None if source.labels is None else source.labels[index]
     write_predictions(config.out, source.ids[index], labels, probs)
     auc = None if labels is None else roc_auc(labels, probs)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import PcamPrepError
-from . import tmp_path
+from ..errors import PcamPrepError
+from ..files import tmp_path
 
 # zarr and h5py are imported where used: a wds-only build never pays for them (~0.3 s).
 

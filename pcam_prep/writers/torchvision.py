@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import tmp_path
+from ..files import tmp_path
 
 
 def write_pair(x_path: Path, y_path: Path, shape: tuple[int, ...], labels: np.ndarray,

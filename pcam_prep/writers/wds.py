@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import sha256_file, tmp_path
+from ..memory import scratch
 from ..schema import IMAGE_MEMBER, LABEL_MEMBER, TAR_BLOCK, TAR_RECORD, SampleLayout
-from . import sha256_file, tmp_path
 
 _NAME = slice(0, 100)
 _CHKSUM = slice(148, 156)
@@ -69,7 +70,8 @@ def encode_block(layout: SampleLayout, ids: list[str], images: np.ndarray, label
         raise ValueError(f"images have shape {images.shape}, expected {(n, *layout.shape)}")
     if layout.labelled != (labels is not None):
         raise ValueError("labels must be given exactly when the layout is labelled")
-    block = _scratch(n, layout.stride)
+    # Reused and zeroed once: every sample writes the same byte ranges, so the padding stays zero.
+    block = scratch("tar", (max(n, 512), layout.stride), zeroed=True)[:n]
     block[:, :TAR_BLOCK] = _headers(_template(layout.image_member_size), [f"{i}.{IMAGE_MEMBER}" for i in ids])
     header = np.frombuffer(layout.npy_header, np.uint8)
     block[:, TAR_BLOCK : layout.pixel_offset] = header
@@ -81,23 +83,6 @@ def encode_block(layout: SampleLayout, ids: list[str], images: np.ndarray, label
         block[:, at:layout.label_offset] = _headers(_template(1), [f"{i}.{LABEL_MEMBER}" for i in ids])
         block[:, layout.label_offset] = np.asarray(labels, np.uint8) + ord("0")
     return block
-
-
-_SCRATCH: dict[int, np.ndarray] = {}
-
-
-def _scratch(n: int, stride: int) -> np.ndarray:
-    """A reused zeroed block: every sample writes the same byte ranges, so padding stays zero.
-
-    Not thread-safe across concurrent writers of one process, hence one buffer per thread.
-    """
-    import threading
-
-    key = threading.get_ident()
-    buf = _SCRATCH.get(key)
-    if buf is None or buf.shape[1] != stride or len(buf) < n:
-        buf = _SCRATCH[key] = np.zeros((max(n, 512), stride), np.uint8)
-    return buf[:n]
 
 
 def write_shard(

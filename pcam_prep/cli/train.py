@@ -14,9 +14,9 @@ from typing import Any
 
 import click
 
-from .cli_common import friendly_errors
-from .loader import FORMATS
-from .train.config import ARCHS, DEVICES, PredictConfig, TrainConfig
+from ..loader import FORMATS
+from ..train.config import ARCHS, DEVICES, PredictConfig, TrainConfig
+from .common import Bars, friendly_errors
 
 
 def _default(config: type, name: str) -> Any:
@@ -83,7 +83,7 @@ def train(compile_: bool, **flags: Any) -> None:
       pcam-prep train --shards shards/ --out runs/small --epochs 12 --resume
       torchrun --nproc_per_node 4 -m pcam_prep train --shards shards/ --arch resnet
     """
-    from .train.loop import train as run_train
+    from ..train.loop import train as run_train
 
     config = TrainConfig(compile=compile_, **_flags(flags))
     main_rank = os.environ.get("RANK", "0") == "0"
@@ -154,12 +154,11 @@ def predict(tta: str, **flags: Any) -> None:
       pcam-prep predict --shards shards/ --checkpoint runs/small/best.pt --out submission.csv --tta 8
       pcam-prep predict --shards shards/ --checkpoint runs/small/best.pt --split val --fold 0 --out val.csv
     """
-    from .cli_common import Bars
-    from .train.predict import predict as run_predict
+    from ..train.predict import predict as run_predict
 
     config = PredictConfig(tta=int(tta), **_flags(flags))
     bars = Bars("img")
-    result = run_predict(config, progress=lambda done, total: bars("predict", done, total))
+    result = run_predict(config, progress=bars)
     bars.close()
     auc = "" if result.auc is None else f"; AUC {result.auc:.4f}"
     click.echo(f"wrote {result.rows:,} rows to {result.out} in {result.seconds:.1f}s{auc}")
@@ -189,8 +188,8 @@ def loader(shards: Path, batch_size: int, seconds: float, format: str, seed: int
     Example:
       pcam-prep bench loader --shards shards/ --batch-size 256 --seconds 5 --format wds
     """
-    from .loader import BatchLoader, open_source
-    from .train.data import loader_throughput
+    from ..loader import BatchLoader, open_source
+    from ..train.data import loader_throughput
 
     source = open_source(shards, "train", None, format)
     measured = loader_throughput(BatchLoader(source, batch_size, seed=seed), seconds)

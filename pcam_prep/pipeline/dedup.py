@@ -22,10 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .schema import SplitSpec
+from ..schema import SplitSpec
 
 DUPLICATE_COLUMNS = ["kept", "dropped", "kind"]
-KINDS = ("exact", "conflicting-label", "train-test", "train-valid")  # leakage: "train-" + held-out split
 DIHEDRAL = "dihedral"  # prefix of the near-duplicate kinds: dihedral, dihedral-conflicting-label, dihedral-train-test
 
 

@@ -1,81 +1,25 @@
-"""Write-stage tasks: gather rows from the spills, write one output piece, report on it.
+"""Write-stage tasks: read a piece's rows from their row source, write one output piece, report on it.
 
 Each function takes only paths, arrays and plain values (never open handles), so it can run
-in a thread, a process or on a remote dask worker that sees the same filesystem.
+in a thread, a process or on a remote dask worker that sees the same filesystem. Rows come
+from a `schema.RowSource`: the source files or PCam rows for the shards, the finished shards
+for Zarr and HDF5.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .loader import pixels_view
-from .schema import SampleLayout, torchvision_name
-from .validate import load_images
-from .writers import arrays, sha256_file, torchvision, wds
+from ..files import sha256_file
+from ..schema import RowSource, SampleLayout, torchvision_name
+from ..writers import arrays, torchvision, wds
 
 FORMAT_VERSION = 1  # bump when the shard byte layout changes: old shards are then rewritten
 BLOCK_ROWS = 512  # images in memory per task at a time: ~14 MB at 96x96
-
-
-@dataclass(frozen=True)
-class Files:
-    """Rows that come from the source files (re-read and checked against their stamps)."""
-
-    paths: list[str]
-    stamps: list[tuple[int, int]]  # (size, mtime_ns) at inspection
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def part(self, start: int, stop: int) -> Files:
-        return Files(self.paths[start:stop], self.stamps[start:stop])
-
-    def blocks(self, shape: tuple[int, int, int], rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        for start in range(0, len(self.paths), rows):
-            stop = start + rows
-            yield start, load_images(self.paths[start:stop], self.stamps[start:stop], shape)
-
-
-@dataclass(frozen=True)
-class ShardRows:
-    """Rows that come from shards this build already wrote: a memcpy, no file per image."""
-
-    spans: list[tuple[str, int, int, int]]  # (shard path, count in shard, first row, stop row)
-    labelled: bool
-
-    def __len__(self) -> int:
-        return sum(stop - first for _, _, first, stop in self.spans)
-
-    def blocks(self, shape: tuple[int, int, int], rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        # pread into one buffer rather than mmap: mapped shard pages would count towards this
-        # worker's RSS and grow with the dataset; this stays at one block.
-        layout = SampleLayout(tuple(shape), self.labelled)
-        out = np.empty((rows, *shape), np.uint8)
-        raw = np.empty(rows * layout.stride, np.uint8)
-        filled = start = 0
-        for path, _, first, stop in self.spans:
-            with open(path, "rb", buffering=0) as fh:
-                while first < stop:
-                    take = min(stop - first, rows - filled)
-                    chunk = raw[: take * layout.stride]
-                    fh.seek(first * layout.stride)
-                    if fh.readinto(chunk) != chunk.size:
-                        raise OSError(f"{path}: shard shorter than its {stop} samples")
-                    out[filled : filled + take] = pixels_view(chunk, layout, take)
-                    filled, first = filled + take, first + take
-                    if filled == rows:
-                        yield start, out
-                        start, filled = start + rows, 0
-        if filled:
-            yield start, out[:filled]
-
-
-Sources = Files | ShardRows  # or any source with the same blocks()/part()/stamps, e.g. sources.pcam_h5.H5Rows
 
 
 @dataclass(frozen=True)
@@ -91,7 +35,7 @@ class PieceResult:
 
 
 def write_wds_piece(
-    path: str, split: str, shape: tuple[int, int, int], ids: list[str], labels: np.ndarray | None, sources: Files
+    path: str, split: str, shape: tuple[int, int, int], ids: list[str], labels: np.ndarray | None, sources: RowSource
 ) -> PieceResult:
     """Write one shard, or keep the finished one from an earlier run if it is provably the same."""
     plan = piece_plan(shape, ids, labels, sources)
@@ -108,17 +52,17 @@ def write_wds_piece(
     return PieceResult("wds", split, path, result.count, result.sha256)
 
 
-def piece_plan(shape, ids: list[str], labels: np.ndarray | None, sources: Files) -> str:
+def piece_plan(shape, ids: list[str], labels: np.ndarray | None, sources: RowSource) -> str:
     """A digest of everything a piece's bytes depend on: same plan, same bytes."""
     digest = hashlib.sha256(repr((tuple(shape), FORMAT_VERSION)).encode())
     digest.update("\n".join(ids).encode())
     digest.update(b"" if labels is None else np.asarray(labels, np.uint8).tobytes())
-    digest.update(repr([tuple(s) for s in sources.stamps]).encode())
+    digest.update(repr([tuple(s) for s in sources.fingerprint()]).encode())
     return digest.hexdigest()
 
 
 def write_zarr_piece(
-    store: str, split: str, start: int, shape: tuple[int, int, int], sources: Sources, chunk_rows: int
+    store: str, split: str, start: int, shape: tuple[int, int, int], sources: RowSource, chunk_rows: int
 ) -> PieceResult:
     rows = max(chunk_rows, BLOCK_ROWS // chunk_rows * chunk_rows)  # whole chunks per write
     for offset, images in sources.blocks(shape, rows):
@@ -130,7 +74,7 @@ def write_zarr_piece(
 
 
 def write_hdf5_piece(
-    tmp: str, path: str, shape: tuple[int, int, int], chunk_rows: int, splits: dict[str, Sources]
+    tmp: str, path: str, shape: tuple[int, int, int], chunk_rows: int, splits: dict[str, RowSource]
 ) -> PieceResult:
     """Every image of the HDF5 file `arrays.create_hdf5` made at `tmp`, in one task (HDF5 has one writer)."""
     rows = max(chunk_rows, BLOCK_ROWS // chunk_rows * chunk_rows)
@@ -140,7 +84,7 @@ def write_hdf5_piece(
 
 
 def write_torchvision_piece(
-    folder: str, split: str, shape: tuple[int, int, int], labels: np.ndarray, sources: Sources
+    folder: str, split: str, shape: tuple[int, int, int], labels: np.ndarray, sources: RowSource
 ) -> tuple[PieceResult, PieceResult]:
     """One split as torchvision's PCAM x and y files, in the split's row order."""
     x_path, y_path = (Path(folder) / torchvision_name(split, m) for m in ("x", "y"))

@@ -12,8 +12,8 @@ from typing import Any
 
 import click
 
-from . import __version__
-from .cli_common import SCHEDULER_HELP, Bars, friendly_errors
+from .. import __version__
+from .common import SCHEDULER_HELP, Bars, friendly_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -72,34 +72,19 @@ def synth(out: Path, n_train: int, n_test: int, n_valid: int | None, layout: str
         return
     if n_valid is not None:
         raise click.UsageError("--valid is for --layout pcam-h5: the Kaggle layout has no valid split")
-    from .synth import write_kaggle
+    from ..synth import write_kaggle
 
     bars = Bars("file")
-    total = n_train + n_test
-    done = 0
-
-    def progress(k: int) -> None:
-        nonlocal done
-        done += k
-        bars("synth", done, total)
-
-    summary = write_kaggle(out, n_train, n_test, size=size, seed=seed, progress=progress)
+    summary = write_kaggle(out, n_train, n_test, size=size, seed=seed, progress=bars)
     bars.close()
     click.echo(f"wrote {summary.n_train} train ({summary.positives} positive) and {summary.n_test} test patches to {out}")
 
 
 def _synth_pcam(out: Path, n_train: int, n_valid: int, n_test: int, size: int, seed: int) -> None:
-    from .synth_pcam import write_pcam_h5
+    from ..synth import write_pcam_h5
 
     bars = Bars("img")
-    total, done = n_train + n_valid + n_test, 0
-
-    def progress(k: int) -> None:
-        nonlocal done
-        done += k
-        bars("synth", done, total)
-
-    summary = write_pcam_h5(out, n_train, n_valid, n_test, size=size, seed=seed, progress=progress)
+    summary = write_pcam_h5(out, n_train, n_valid, n_test, size=size, seed=seed, progress=bars)
     bars.close()
     parts = ", ".join(f"{n} {split}" for split, n in summary.counts.items())
     click.echo(f"wrote {parts} patches as PCam HDF5 files to {out} "
@@ -162,8 +147,8 @@ def build(config_file: Path | None, **flags: Any) -> None:
       pcam-prep build --src pcam/ --out shards/ --torchvision-names
       pcam-prep build --config pipelines/kaggle.toml --formats wds --workers 8
     """
-    from .config import build_config, load_toml
-    from .pipeline import build as run_build
+    from ..pipeline.config import build_config, load_toml
+    from ..pipeline.run import build as run_build
 
     config = build_config(load_toml(config_file, "build") if config_file else {}, flags)
     bars = Bars("img")
@@ -191,7 +176,7 @@ def verify(out: Path, sample: int | None, seed: int) -> None:
       pcam-prep verify shards/
       pcam-prep verify shards/ --sample 1000
     """
-    from .verify import verify as run_verify
+    from ..verify import verify as run_verify
 
     bars = Bars("step")
     report = run_verify(out, sample=sample, seed=seed, progress=bars)
@@ -228,8 +213,8 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 # Commands that live in their own modules (they import Bars/friendly_errors from here).
-from .cli_stats import stats
-from .cli_train import bench, predict, train
+from .stats import stats
+from .train import bench, predict, train
 
 for command in (stats, train, predict, bench):
     main.add_command(command)

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .cli_common import SCHEDULER_HELP, Bars, friendly_errors
+from .common import SCHEDULER_HELP, Bars, friendly_errors
 
 
 @click.command()
@@ -39,7 +39,7 @@ def stats(target: Path, as_json: bool, report: Path | None, run: Path | None, wo
       pcam-prep stats data/demo --json > stats.json
       pcam-prep stats shards/ --report report/ --run runs/resnet18
     """
-    from .eda import EdaOptions, collect
+    from ..eda import EdaOptions, collect
 
     if run is not None and report is None:
         raise click.UsageError("--run RUN only adds figures to a report: pass --report DIR too")
@@ -49,7 +49,7 @@ def stats(target: Path, as_json: bool, report: Path | None, run: Path | None, wo
     bars.close()
     click.echo(json.dumps(eda.summary, indent=2) if as_json else format_stats(eda.summary))
     if report is not None:
-        from .report import write_report
+        from ..eda.report import write_report
 
         index = write_report(eda, report, run)
         click.echo(f"report: {index}", err=as_json)  # keep stdout one JSON object
@@ -72,14 +72,13 @@ def _splits(summary: dict[str, Any]) -> str:
     background = summary["background"]
     lines = [_row("split", "images", "label 0", "label 1", "label 1 %", "background %")]
     for name, split in summary["splits"].items():
-        bg = _pct(background[name]["share"]) if name in background else "-"  # pixels are measured for train, test
-        if split.get("labelled", name == "train"):
-            share = split["positives"] / split["count"] if split["count"] else None
-            lines.append(_row(name, split["count"], split["negatives"], split["positives"], _pct(share), bg))
+        bg = _pct(background[name]["share"])
+        if split["labelled"]:
+            lines.append(_row(name, split["count"], split["negatives"], split["positives"],
+                              _pct(split["positive_share"]), bg))
+            lines += [_row(f"  label {k}", bg=_pct(part["share"])) for k, part in background[name]["by_label"].items()]
         else:
             lines.append(_row(name, split["count"], "-", "-", "-", bg))
-        if name == "train":
-            lines += [_row(f"  label {k}", bg=_pct(part["share"])) for k, part in background["train"]["by_label"].items()]
     return "\n".join(lines)
 
 

@@ -1,12 +1,12 @@
-"""Running lists of Dask tasks, locally or on a dask.distributed cluster, with progress.
+"""Running a stage's tasks, locally or on a dask.distributed cluster, with progress.
 
-This is the only module that knows which scheduler runs the work. Stage functions are
-plain Python; callers hand over `dask.delayed` calls and get results back in order.
+This is the only module that knows about Dask. Stage functions are plain Python over plain
+data; callers hand `Executor.map` a list of (function, args) calls and get results back in
+order. Each call should be a batch of thousands of images: a Dask task costs ~0.2-1 ms.
 """
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import logging
 import multiprocessing
@@ -20,11 +20,12 @@ from typing import Any
 import dask
 from dask.callbacks import Callback
 
-from . import PcamPrepError
+from ..errors import PcamPrepError
+from ..memory import keep_freed_memory
+from ..progress import ProgressFn
 
 logger = logging.getLogger(__name__)
 
-ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 LOCAL_SCHEDULERS = ("threads", "processes", "sync", "local")  # local: a dask.distributed LocalCluster of our own
 
 
@@ -40,49 +41,6 @@ class _TaskCounter(Callback):
         if key in self.units:
             self.done += self.units[key]
             self.progress(self.stage, self.done, self.total)
-
-
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -4, -3, -8  # glibc mallopt parameters
-
-
-def _glibc() -> ctypes.CDLL | None:
-    """The C library when it is glibc (mallopt, malloc_trim); None elsewhere, where nothing is tuned."""
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def tune_malloc(settings: dict[int, int]) -> None:
-    """glibc mallopt(parameter, value) for each setting, in order; a no-op on other C libraries."""
-    libc = _glibc()
-    if libc is None:
-        return
-    for parameter, value in settings.items():
-        libc.mallopt(parameter, value)
-
-
-def keep_freed_memory() -> None:
-    """Ask glibc to keep freed blocks for reuse instead of returning them to the OS.
-
-    Builds allocate and free many multi-MB buffers (image blocks, codec output). By default
-    glibc maps each one fresh, and on VMs a fresh page can cost 10 us to fault in: more than
-    decoding the image on it. Keeping them makes the second block as cheap as a memset.
-    """
-    tune_malloc({
-        M_MMAP_THRESHOLD: 32 * 1024 * 1024,
-        M_ARENA_MAX: 2,  # zarr's codec threads would each grow an arena of their own
-        M_TRIM_THRESHOLD: 64 * 1024 * 1024,  # keep up to 64 MB of freed heap for reuse, no more
-    })
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap back to the OS now (glibc malloc_trim): between stages, where the driver's
-    per-image temporaries (reports, intermediate frames) are gone and the next stage would
-    otherwise stack its own on top of them."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 def init_worker(preload: tuple[str, ...] = ()) -> None:
@@ -153,13 +111,16 @@ class Executor(AbstractContextManager):
             return f"dask.distributed at {self.scheduler}"
         return f"dask {self.scheduler} scheduler, {self.workers} worker(s)"
 
-    def run(self, stage: str, tasks: Sequence[Any], units: Sequence[int] | None = None) -> list[Any]:
-        """Compute `tasks` (dask.delayed objects) and return their results in order.
+    def map(self, stage: str, calls: Sequence[tuple[Callable[..., Any], tuple]],
+            units: Sequence[int] | None = None) -> list[Any]:
+        """Run `func(*args)` for each (func, args) in `calls` as one Dask task each; results in order.
 
         `units` weighs each task for progress (e.g. its number of images); default 1 each.
+        Arguments must be plain data (paths, arrays, frozen dataclasses), never open handles.
         """
-        if not tasks:
+        if not calls:
             return []
+        tasks = [dask.delayed(func, pure=False)(*args) for func, args in calls]
         start = time.perf_counter()
         try:
             return self._run(stage, tasks, list(units) if units is not None else [1] * len(tasks))

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from . import PcamPrepError
+from ..errors import PcamPrepError
 
 
 def friendly_errors(func: Callable) -> Callable:

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import PcamPrepError
-from .schema import FORMATS, IMAGE_SIZE
+from ..errors import PcamPrepError
+from ..schema import FORMATS, IMAGE_SIZE
 
 # Settings that change how fast a build runs but never what it writes; they are kept
 # out of the manifest so outputs stay byte-identical across machines and schedulers.
-EXECUTION_FIELDS = ("workers", "scheduler", "batch_size", "progress")
+EXECUTION_FIELDS = ("workers", "scheduler", "batch_size")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,6 @@ class BuildConfig:
     batch_size: int = 2048  # files per Dask task; thousands amortise the ~1 ms task cost
     workers: int | None = None  # local threads; default: one per core
     scheduler: str | None = None  # 'threads', 'processes', 'sync' or a tcp:// dask.distributed address
-    progress: bool = False  # emit progress events (the CLI turns them into bars)
 
     def __post_init__(self) -> None:
         bad = [f for f in self.formats if f not in FORMATS]

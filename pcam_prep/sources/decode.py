@@ -19,6 +19,8 @@ import threading
 import numpy as np
 import tifffile
 
+from .base import REASONS
+
 logger = logging.getLogger(__name__)
 
 MAX_FILE_BYTES = 8 * 1024 * 1024  # a 96x96 RGB patch is ~28 KB in any sane encoding
@@ -30,6 +32,8 @@ class Reject(Exception):
     """A file that cannot become a sample; `reason` is a short stable code for rejects.csv."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
+        if reason not in REASONS:
+            raise ValueError(f"unknown reject reason {reason!r}; add it to sources.base.REASONS (and the README)")
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail

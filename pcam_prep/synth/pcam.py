@@ -11,15 +11,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .sources.pcam_h5 import META_GROUP, X_KEY, Y_KEY, pcam_file
-from .synth import make_patch
+from ..files import tmp_path
+from ..progress import Counter, ProgressFn
+from ..sources.pcam_h5 import META_GROUP, X_KEY, Y_KEY, pcam_file
+from .kaggle import make_patch
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +39,12 @@ class PcamSynthSummary:
 
 def write_pcam_h5(out: Path, n_train: int, n_valid: int, n_test: int, *, size: int = 96, seed: int = 0,
                   positive_fraction: float = 0.405,
-                  progress: Callable[[int], None] | None = None) -> PcamSynthSummary:
+                  progress: ProgressFn | None = None) -> PcamSynthSummary:
     """Write a synthetic PCam folder under `out`; the same arguments give byte-identical files.
 
     A split's file holds exactly n rows, deliberate duplicates included (train: rows n-1, n-2
     copy rows 0, 1 when n >= 4; valid: row 0 copies train row 2 when n_train >= 5).
-    A split with n = 0 is not written. `progress(k)` is called with k rows written.
+    A split with n = 0 is not written. `progress("synth", done, total)` after each block of rows.
     """
     counts = {"train": n_train, "valid": n_valid, "test": n_test}
     for name, val in (*((f"n_{k}", v) for k, v in counts.items()), ("size", size)):
@@ -55,6 +56,7 @@ def write_pcam_h5(out: Path, n_train: int, n_valid: int, n_test: int, *, size: i
     out.mkdir(parents=True, exist_ok=True)
     copies = {"train": {n_train - 1: ("train", 0), n_train - 2: ("train", 1)} if n_train >= 4 else {},
               "valid": {0: ("train", 2)} if n_valid >= 1 and n_train >= 5 else {}, "test": {}}
+    counter = Counter(progress, "synth", sum(counts.values()))
     kept: dict[tuple[str, int], tuple[np.ndarray, int, bool]] = {}  # rows that get copied: (image, label, tumour)
     positives = {}
     for (split, n), rng in zip(counts.items(), np.random.default_rng(seed).spawn(3)):
@@ -66,7 +68,7 @@ def write_pcam_h5(out: Path, n_train: int, n_valid: int, n_test: int, *, size: i
         labels = label_rng.permutation(labels)
         wanted = {row for c in copies.values() for src, row in c.values() if src == split}
         labels, tumour = _write_x(out / pcam_file(split, X_KEY), image_rng, labels, size, copies[split], kept,
-                                  split, wanted, progress)
+                                  split, wanted, counter)
         _write_h5(out / pcam_file(split, Y_KEY), Y_KEY, labels.reshape(n, 1, 1, 1))
         _write_meta(out / pcam_file(split, "meta", "csv"), meta_rng, split, labels, tumour, size, copies[split])
         positives[split] = int(labels.sum())
@@ -75,12 +77,12 @@ def write_pcam_h5(out: Path, n_train: int, n_valid: int, n_test: int, *, size: i
 
 
 def _write_x(path: Path, rng: np.random.Generator, labels: np.ndarray, size: int, copies: dict, kept: dict,
-             split: str, wanted: set[int], progress) -> tuple[np.ndarray, np.ndarray]:
+             split: str, wanted: set[int], counter: Counter) -> tuple[np.ndarray, np.ndarray]:
     """Generate and write x block by block; return the labels (copies take their source's) and tumour flags."""
     import h5py
 
     n, labels, tumour, seen = len(labels), labels.copy(), np.zeros(len(labels), bool), set()
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = tmp_path(path)
     with h5py.File(tmp, "w", libver=("v110", "v110"), track_order=False) as fh:
         x = fh.create_dataset(X_KEY, shape=(n, size, size, 3), dtype=np.uint8,
                               chunks=(min(n, _CHUNK_ROWS), size, size, 3), track_times=False)
@@ -99,8 +101,7 @@ def _write_x(path: Path, rng: np.random.Generator, labels: np.ndarray, size: int
                 if i in wanted:
                     kept[(split, i)] = (img, int(labels[i]), bool(tumour[i]))
             x[start:stop] = block[: stop - start]
-            if progress is not None:
-                progress(stop - start)
+            counter.add(stop - start)
     os.replace(tmp, path)
     return labels, tumour
 
@@ -108,7 +109,7 @@ def _write_x(path: Path, rng: np.random.Generator, labels: np.ndarray, size: int
 def _write_h5(path: Path, key: str, data: np.ndarray) -> None:
     import h5py
 
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = tmp_path(path)
     with h5py.File(tmp, "w", libver=("v110", "v110"), track_order=False) as fh:
         fh.create_dataset(key, data=data, track_times=False)
     os.replace(tmp, path)
@@ -128,6 +129,6 @@ def _write_meta(path: Path, rng: np.random.Generator, split: str, labels: np.nda
         "coord_y": coords[:, 0], "coord_x": coords[:, 1],
         "tumor_patch": tumour | labels.astype(bool), "center_tumor_patch": labels.astype(bool), META_GROUP: slides,
     })
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = tmp_path(path)
     meta.to_csv(tmp, lineterminator="\n")
     os.replace(tmp, path)

@@ -11,7 +11,6 @@ import hashlib
 import io
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,9 +18,12 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from ..files import tmp_path
+from ..progress import Counter, ProgressFn
+from ..schema import centre_window
+
 logger = logging.getLogger(__name__)
 
-CENTRE_FRACTION = 1 / 3  # PCam: label = any tumour pixel in the centre 32x32 of 96x96
 _PROGRESS_EVERY = 256
 _BANK_SEED = 20240607  # fixed: the nucleus and grain banks are part of the generator, not of `seed`
 _RING_TUMOUR_P = 0.35  # share of negatives with tumour clusters outside the centre window
@@ -39,13 +41,6 @@ class SynthSummary:
     n_train: int
     n_test: int
     positives: int
-
-
-def centre_window(size: int) -> tuple[slice, slice]:
-    """Rows and cols of the PCam label window: a size//3 square centred in the patch (32:64 for 96)."""
-    w = size // 3
-    start = (size - w) // 2
-    return slice(start, start + w), slice(start, start + w)
 
 
 def _gauss(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -140,7 +135,7 @@ def make_patch(rng: np.random.Generator, label: int, size: int = 96) -> tuple[np
         raise ValueError(f"size must be >= 32, got {size}")
     grain = _banks()[2]
     u6, u24, width, (normal, tumour) = _geometry(size)
-    win = centre_window(size)
+    win = (centre_window(size),) * 2
     w0, w1 = win[0].start, win[0].stop
     area, grid = (size / 96) ** 2, np.arange(size, dtype=float)
     crop = (slice(_PAD, _PAD + size), slice(_PAD, _PAD + size))
@@ -230,14 +225,14 @@ def _tiff_header(shape: tuple[int, ...]) -> bytes | None:
 def _write_tif(folder: Path, img: np.ndarray, sample_id: str) -> None:
     """Write exactly the bytes of `tifffile.imwrite(path, img)`: to a temporary name, then renamed into place."""
     header = _tiff_header(img.shape)
-    tmp = folder / f".{sample_id}.tif.tmp"
+    tmp = tmp_path(folder / f"{sample_id}.tif")
     with open(tmp, "wb") as fh:
         fh.write(_imwrite_bytes(img) if header is None else header + img.tobytes())
     os.replace(tmp, folder / f"{sample_id}.tif")
 
 
 def _write_csv(path: Path, rows: list[tuple[str, int]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = tmp_path(path)
     with open(tmp, "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(("id", "label"))
@@ -246,12 +241,12 @@ def _write_csv(path: Path, rows: list[tuple[str, int]]) -> None:
 
 
 def write_kaggle(out: Path, n_train: int, n_test: int, *, size: int = 96, seed: int = 0,
-                 positive_fraction: float = 0.405, progress: Callable[[int], None] | None = None) -> SynthSummary:
+                 positive_fraction: float = 0.405, progress: ProgressFn | None = None) -> SynthSummary:
     """Write a synthetic competition folder under `out`; the same arguments give byte-identical files.
 
     Writes train/<sha1>.tif, test/<sha1>.tif, train_labels.csv and sample_submission.csv (`id,label`, rows
     sorted by id, test labels all 0). round(n * positive_fraction) patches of each split are positive.
-    Train does not depend on n_test. `progress(k)` is called with k files written, every 256 files and at the end.
+    Train does not depend on n_test. `progress("synth", done, total)` every 256 files and at the end.
     """
     for name, val in (("n_train", n_train), ("n_test", n_test), ("size", size)):
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < (32 if name == "size" else 0):
@@ -263,6 +258,7 @@ def write_kaggle(out: Path, n_train: int, n_test: int, *, size: int = 96, seed: 
     seen: set[str] = set()
     rows: dict[str, list[tuple[str, int]]] = {}
     pending = positives = 0
+    counter = Counter(progress, "synth", n_train + n_test)
     for split, n, split_rng in zip(("train", "test"), (n_train, n_test), np.random.default_rng(seed).spawn(2)):
         folder = out / split
         folder.mkdir(parents=True, exist_ok=True)
@@ -283,15 +279,15 @@ def write_kaggle(out: Path, n_train: int, n_test: int, *, size: int = 96, seed: 
             _write_tif(folder, img, sample_id)
             rows[split].append((sample_id, label))
             pending += 1
-            if progress is not None and pending == _PROGRESS_EVERY:
-                progress(pending)
+            if pending == _PROGRESS_EVERY:
+                counter.add(pending)
                 pending = 0
         stale = sum(1 for p in folder.glob("*.tif") if p.stem not in seen)
         if stale:
             logger.warning("%s holds %d .tif files from an earlier run that are not in this dataset", folder, stale)
     _write_csv(out / "train_labels.csv", rows["train"])
     _write_csv(out / "sample_submission.csv", [(i, 0) for i, _ in rows["test"]])
-    if progress is not None and pending:
-        progress(pending)
+    if pending:
+        counter.add(pending)
     logger.info("wrote %d train (%d positive) and %d test patches to %s", n_train, positives, n_test, out)
     return SynthSummary(out=out, n_train=n_train, n_test=n_test, positives=positives)

@@ -1,7 +1,7 @@
 """`pcam-prep stats --report DIR`: PNG figures and an index.html that shows them.
 
-Figures are drawn with matplotlib's object API (`Figure`, rendered by Agg): no pyplot, so no
-global figure state, no GUI backend, nothing left open between figures.
+Figures come from `figures` (matplotlib's object API, no pyplot); the run figures are the
+trainer's own (`train.plots`), re-drawn from the run's data when its PNGs are missing.
 """
 
 from __future__ import annotations
@@ -17,35 +17,26 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .decode import Reject, read_file
-from .eda import Eda
-from .sources.kaggle import KaggleLayout
-from .validate import decoder_for
+from ..figures import figure as _figure
+from ..figures import save as _save
+from ..schema import centre_window
+from ..sources.decode import Reject, read_file
+from ..sources.kaggle import KaggleLayout
+from ..sources.validate import decoder_for
+from .collect import Eda
 
 logger = logging.getLogger(__name__)
 
-DPI = 110
-COLOURS = {0: "tab:blue", 1: "tab:red", "test": "tab:gray"}
+COLOURS = {0: "tab:blue", 1: "tab:red"}
 LABEL_NAMES = {0: "label 0: no tumour in the centre", 1: "label 1: tumour in the centre"}
 RUN_FIGURES = ("curves", "roc", "confusion")
 _PER_ROW = 8
 
 
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-
-
-def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI)
-    return path
-
-
 CAPTIONS = {
     "samples": "Random train patches per label; the box is the 32x32 centre window that decides the label.",
     "label_balance": "Train label balance overall and per fold; folds are stratified, so their shares should match.",
-    "intensity_histograms": "Per-channel pixel intensity distributions: train label 0 vs label 1, and test (dashed).",
+    "intensity_histograms": "Per-channel pixel intensity distributions: train label 0 vs label 1, other splits dashed.",
     "background_saturation": "Mean HSV saturation per patch; patches left of the dashed line count as background.",
     "duplicates": "Duplicates: the kept file beside each dropped copy, a few of each kind.",
     "rejects": "Rejected files, a couple per reason; files that cannot be decoded show the reason instead.",
@@ -105,10 +96,10 @@ def plot_samples(samples: dict[int, np.ndarray], path: Path) -> Path:
             ax.set_axis_off()
         for ax, image in zip(axes, images):
             _frame(ax)
-            size = image.shape[0]
-            window = size // 3
+            window = centre_window(image.shape[0])
             ax.imshow(image, interpolation="nearest")
-            ax.add_patch(Rectangle(((size - window) / 2 - 0.5,) * 2, window, window, fill=False, lw=1.2, ec="#00e5ff"))
+            side = window.stop - window.start
+            ax.add_patch(Rectangle((window.start - 0.5,) * 2, side, side, fill=False, lw=1.2, ec="#00e5ff"))
     return _save(fig, path)
 
 
@@ -137,21 +128,27 @@ def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "-"
 
 
-def plot_histograms(hist: np.ndarray, path: Path) -> Path:
-    """One panel per channel: share of pixels at each value, train label 0 and 1 and test overlaid."""
+def _split_colour(split: str) -> str:
+    return {"train": "tab:purple", "valid": "tab:green", "test": "tab:gray"}.get(split, "tab:brown")
+
+
+def plot_histograms(hist: dict[str, np.ndarray], path: Path) -> Path:
+    """One panel per channel: share of pixels at each value, train label 0 and 1, every other split dashed."""
     fig = _figure(11, 3.3)
-    values = np.arange(hist.shape[-1])
     for c, (ax, name) in enumerate(zip(fig.subplots(1, 3, sharey=True), ("red", "green", "blue"))):
-        for group, key in enumerate((0, 1, "test")):
-            counts = hist[group, c]
-            if not counts.sum():
+        for split, counts in hist.items():
+            if split == "train":  # by label, filled
+                for label in range(len(counts)):
+                    share = _share_of(counts[label, c])
+                    if share is not None:
+                        ax.fill_between(np.arange(len(share)), share, step="mid", alpha=0.25, color=COLOURS[label])
+                        ax.step(np.arange(len(share)), share, where="mid", lw=1, color=COLOURS[label],
+                                label=f"train label {label}")
                 continue
-            share = counts / counts.sum()
-            if key == "test":  # unlabelled: a dashed outline, to spot a train/test shift
-                ax.step(values, share, where="mid", lw=1, ls="--", color=COLOURS[key], label="test")
-            else:
-                ax.fill_between(values, share, step="mid", alpha=0.25, color=COLOURS[key])
-                ax.step(values, share, where="mid", lw=1, color=COLOURS[key], label=f"train label {key}")
+            share = _share_of(counts[:, c].sum(axis=0))  # other splits as a whole: a dashed outline, to spot a shift
+            if share is not None:
+                ax.step(np.arange(len(share)), share, where="mid", lw=1, ls="--", color=_split_colour(split),
+                        label=split)
         ax.set(title=f"{name} channel", xlabel="pixel value (0-255)", xlim=(0, 255))
         ax.label_outer()
     fig.axes[0].set_ylabel("share of pixels")
@@ -159,19 +156,28 @@ def plot_histograms(hist: np.ndarray, path: Path) -> Path:
     return _save(fig, path)
 
 
+def _share_of(counts: np.ndarray) -> np.ndarray | None:
+    total = counts.sum()
+    return counts / total if total else None
+
+
 def plot_saturation(eda: Eda, path: Path) -> Path:
-    """Distribution of per-patch mean saturation by label (and test), with the background cut."""
+    """Distribution of per-patch mean saturation: train by label, every other split whole; the background cut."""
     background = eda.summary["background"]
     threshold = background["threshold"]
-    groups = {f"train label {k}": (eda.saturation["train"][eda.labels == k], COLOURS[k]) for k in (0, 1)}
-    groups["test"] = (eda.saturation["test"], COLOURS["test"])
-    top = max([0.5] + [float(v.max()) for v, _ in groups.values() if len(v)])
+    groups = []  # (name, values, colour, background facts)
+    for split, values in eda.saturation.items():
+        if split == "train" and "train" in eda.labels:
+            groups += [(f"train label {k}", values[eda.labels["train"] == k], COLOURS[k],
+                        background["train"]["by_label"][str(k)]) for k in (0, 1)]
+        else:
+            groups.append((split, values, _split_colour(split), background[split]))
+    top = max([0.5] + [float(v.max()) for _, v, _, _ in groups if len(v)])
     bins = np.linspace(0, top * 1.02, 60)
     fig = _figure(7, 3.4)
     ax = fig.subplots()
-    for (name, (values, colour)), key in zip(groups.items(), ("0", "1", None)):
+    for name, values, colour, part in groups:
         if len(values):
-            part = background["train"]["by_label"][key] if key else background["test"]
             ax.hist(values, bins=bins, histtype="step", lw=1.5, color=colour,
                     label=f"{name}: {_pct(part['background'], part['images'])} background")
     ax.axvline(threshold, color="black", ls="--", lw=1)
@@ -263,67 +269,26 @@ def plot_rejects(rejects: pd.DataFrame, layout: KaggleLayout, shape, path: Path,
 
 
 def add_run(run: Path, out: Path) -> tuple[list[Path], list[str]]:
-    """Copy the trainer's figures into `out`, re-plotting any that are missing from its data."""
+    """Copy the trainer's figures into `out`, re-drawing missing ones from its data with the trainer's own plots."""
+    from ..train import plots
+
     figures, notes = [], []
     for name in RUN_FIGURES:
         target = out / f"run_{name}.png"
         if (run / f"{name}.png").is_file():
             shutil.copyfile(run / f"{name}.png", target)
         elif name == "curves" and (run / "metrics.json").is_file():
-            plot_curves(json.loads((run / "metrics.json").read_text()), target)
+            metrics = json.loads((run / "metrics.json").read_text())
+            plots.plot_curves(metrics.get("epochs", []), metrics.get("best_epoch"), target)
         elif name != "curves" and (run / "val_predictions.csv").is_file():
             predictions = pd.read_csv(run / "val_predictions.csv")
-            (plot_roc if name == "roc" else plot_confusion)(predictions, target)
+            draw = plots.plot_roc if name == "roc" else plots.plot_confusion
+            draw(predictions["label"].to_numpy(), predictions["prob"].to_numpy(), target)
         else:
             notes.append(f"Run {name} figure skipped: {run} has no {name}.png and nothing to re-plot it from.")
             continue
         figures.append(target)
     return figures, notes
-
-
-def plot_curves(metrics: dict[str, Any], path: Path) -> Path:
-    epochs = metrics.get("epochs", [])
-    x = [e.get("epoch", i) for i, e in enumerate(epochs)]
-    fig = _figure(9, 3.4)
-    for ax, keys, ylabel in zip(fig.subplots(1, 2), (("train_loss", "val_loss"), ("val_auc", "val_acc")),
-                                ("loss", "validation metric")):
-        for key in keys:
-            ax.plot(x, [e.get(key, np.nan) for e in epochs], marker="o", ms=3, label=key)
-        if metrics.get("best_epoch") is not None:
-            best = metrics["best_epoch"]
-            ax.axvline(best, color="gray", ls="--", lw=1, label=f"best epoch ({best})")
-        ax.set(title=ylabel, xlabel="epoch", ylabel=ylabel)
-        ax.legend(fontsize=8)
-    return _save(fig, path)
-
-
-def plot_roc(predictions: pd.DataFrame, path: Path) -> Path:
-    order = np.argsort(-predictions["prob"].to_numpy(), kind="stable")
-    prob, y = predictions["prob"].to_numpy()[order], predictions["label"].to_numpy()[order]
-    cut = np.r_[np.flatnonzero(np.diff(prob)), len(y) - 1]  # one point per distinct threshold: ties move together
-    tpr = np.r_[0, np.cumsum(y)[cut] / max(1, y.sum())]
-    fpr = np.r_[0, np.cumsum(1 - y)[cut] / max(1, (1 - y).sum())]
-    fig = _figure(4.2, 4)
-    ax = fig.subplots()
-    ax.plot(fpr, tpr, lw=1.5, label=f"AUC {np.trapezoid(tpr, fpr):.3f}")
-    ax.plot([0, 1], [0, 1], color="gray", ls="--", lw=1)
-    ax.set(title="validation ROC", xlabel="false positive rate", ylabel="true positive rate", aspect="equal")
-    ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
-
-
-def plot_confusion(predictions: pd.DataFrame, path: Path, threshold: float = 0.5) -> Path:
-    y = predictions["label"].to_numpy().astype(int)
-    guess = (predictions["prob"].to_numpy() >= threshold).astype(int)
-    matrix = np.array([[np.sum((y == t) & (guess == p)) for p in (0, 1)] for t in (0, 1)])
-    fig = _figure(4, 3.6)
-    ax = fig.subplots()
-    ax.imshow(matrix, cmap="Blues")
-    for (t, p), count in np.ndenumerate(matrix):
-        ax.text(p, t, f"{count:,}", ha="center", va="center", color="white" if count > matrix.max() / 2 else "black")
-    ax.set(title=f"validation, threshold {threshold}", xlabel="predicted label", ylabel="true label",
-           xticks=[0, 1], yticks=[0, 1])
-    return _save(fig, path)
 
 
 def render_html(summary: dict[str, Any], figures: list[tuple[str, str]], notes: list[str]) -> str:
@@ -345,22 +310,26 @@ _CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222
 
 
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
-    """(name, value) lines shared by the html table."""
-    train, test = summary["splits"]["train"], summary["splits"]["test"]
+    """(name, value) lines of the html table: one per split, in the manifest's order."""
     background = summary["background"]
     channels = zip("RGB", summary["stats"]["mean"], summary["stats"]["std"])
-    return [
-        ("image shape", " x ".join(map(str, summary["image_shape"]))),
-        ("train", f"{train['count']:,} ({train['positives']:,} positive, {_pct(train['positives'], train['count'])})"),
-        ("test", f"{test['count']:,}"),
+    rows = [("image shape", " x ".join(map(str, summary["image_shape"])))]
+    for name, split in summary["splits"].items():
+        positives = f" ({split['positives']:,} positive, {_pct(split['positives'], split['count'])})" \
+            if split["labelled"] else ""
+        rows.append((name, f"{split['count']:,}{positives}"))
+    parts = []
+    for name in summary["splits"]:
+        parts.append(f"{name} {_pct(background[name]['background'], background[name]['images'])}")
+        parts += [f"{name} label {k} {_pct(p['background'], p['images'])}"
+                  for k, p in background[name].get("by_label", {}).items()]
+    return rows + [
         ("folds", ", ".join(f"{f['fold']}: {f['count']:,} ({_pct(f['positives'], f['count'])} pos)"
                             for f in summary["folds"]["counts"])),
         ("mean / std (0-1)", ", ".join(f"{c} {m:.4f} / {s:.4f}" for c, m, s in channels)),
         ("rejects", f"{summary['rejects']['count']:,} {_by(summary['rejects']['by_reason'])}"),
         ("duplicates", f"{summary['duplicates']['count']:,} {_by(summary['duplicates']['by_kind'])}"),
-        ("background", ", ".join(f"{name} {_pct(part['background'], part['images'])}" for name, part in
-                                 (("train", background["train"]), ("label 0", background["train"]["by_label"]["0"]),
-                                  ("label 1", background["train"]["by_label"]["1"]), ("test", background["test"])))),
+        ("background", ", ".join(parts)),
     ]
 
 

@@ -21,27 +21,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from dask import delayed
 
-from . import PcamPrepError
-from .config import BuildConfig
-from .executor import Executor, ProgressFn
-from .pipeline import analyse, describe
-from .schema import (
-    DUPLICATES_NAME,
-    HDF5_NAME,
-    IMAGE_MEMBER,
-    LABEL_MEMBER,
-    MANIFEST_NAME,
-    REJECTS_NAME,
-    TAR_BLOCK,
-    ZARR_NAME,
-    SampleLayout,
-)
-from .sources.base import stamps_of
-from .sources.kaggle import KaggleLayout, resolve_layout
-from .validate import load_images
-from .writers.manifest import read_manifest, safe_relpath
+from ..errors import PcamPrepError
+from ..manifest import read_manifest, safe_relpath
+from ..pipeline.analyse import analyse
+from ..pipeline.card import describe
+from ..pipeline.config import BuildConfig
+from ..pipeline.executor import Executor, ProgressFn
+from ..readers import ArrayReader, ShardReader
+from ..schema import DUPLICATES_NAME, HDF5_NAME, MANIFEST_NAME, REJECTS_NAME, ZARR_NAME, SampleLayout
+from ..sources.base import stamps_of
+from ..sources.kaggle import KaggleLayout, resolve_layout
+from ..sources.validate import load_images
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +57,11 @@ class Block:
     kind: str  # zarr | hdf5 | wds | files
     path: str  # store or shard path ("" for files)
     split: str
+    labelled: bool
     shape: tuple[int, int, int]
     start: int = 0  # rows [start, stop) of the store or shard
     stop: int = 0
+    count: int = 0  # kind == wds: samples in the shard
     files: tuple[str, ...] = ()  # kind == files: the tifs, their (size, mtime_ns) and labels
     stamps: tuple[tuple[int, int], ...] = ()
     labels: tuple[int, ...] = ()
@@ -81,17 +74,17 @@ class Block:
 class Tally:
     """Pixel facts about one block."""
 
-    labels: np.ndarray | None  # (N,) uint8, train only
+    labels: np.ndarray | None  # (N,) uint8, labelled splits only
     saturation: np.ndarray  # (N,) float64 mean HSV saturation per image
-    hist: np.ndarray  # (G, 3, 256) int64 pixel counts: G = 2 labels for train, 1 group for test
+    hist: np.ndarray  # (G, 3, 256) int64 pixel counts: G = 2 labels for a labelled split, 1 group otherwise
 
 
 @dataclass(frozen=True)
 class Eda:
     summary: dict[str, Any]  # what `stats --json` prints
-    hist: np.ndarray  # (3, 3, 256) pixel counts by group (train label 0, label 1, test), channel, value
+    hist: dict[str, np.ndarray]  # split -> (G, 3, 256) pixel counts: by label (G = 2) or all (G = 1)
     saturation: dict[str, np.ndarray]  # split -> per-image mean saturation, in output row order
-    labels: np.ndarray  # train labels, same order
+    labels: dict[str, np.ndarray]  # labelled split -> labels, same order
     samples: dict[int, np.ndarray]  # label -> (n, H, W, 3) train patches for the grid
     rejects: pd.DataFrame  # id, path (relative to the source root), reason, detail
     duplicates: pd.DataFrame  # kept, dropped, kind
@@ -103,7 +96,7 @@ class Eda:
 class _Found:
     manifest: dict[str, Any]
     source: str
-    blocks: list[Block]  # train blocks first, in row order, then test
+    blocks: list[Block]  # split by split in the manifest's order, rows in output order
     rejects: pd.DataFrame
     duplicates: pd.DataFrame
     sources: KaggleLayout | None
@@ -117,15 +110,17 @@ def collect(target: Path, options: EdaOptions = EdaOptions(), progress: Progress
     workers = options.workers or os.cpu_count() or 1
     with Executor(options.scheduler, workers, progress) as executor:
         found = find_built(target) if built else find_raw(target, executor, options)
-        tasks = [delayed(tally_block, pure=False)(b) for b in found.blocks]
-        tallies = executor.run("pixels", tasks, [len(b) for b in found.blocks])
-    train = [t for b, t in zip(found.blocks, tallies) if b.split == "train"]
-    test = [t for b, t in zip(found.blocks, tallies) if b.split == "test"]
-    labels = np.concatenate([t.labels for t in train]) if train else np.zeros(0, np.uint8)
-    saturation = {"train": _concat([t.saturation for t in train]), "test": _concat([t.saturation for t in test])}
-    hist = np.concatenate([sum((t.hist for t in part), np.zeros((n, 3, 256), np.int64))
-                           for part, n in ((train, 2), (test, 1))])
-    rows = choose_rows(labels, options.samples_per_label, options.seed)
+        tallies = executor.map("pixels", [(tally_block, (b,)) for b in found.blocks], [len(b) for b in found.blocks])
+    hist, saturation, labels = {}, {}, {}
+    for split, info in found.manifest["splits"].items():
+        mine = [t for b, t in zip(found.blocks, tallies) if b.split == split]
+        groups = 2 if info["labelled"] else 1
+        hist[split] = sum((t.hist for t in mine), np.zeros((groups, 3, 256), np.int64))
+        saturation[split] = _concat([t.saturation for t in mine])
+        if info["labelled"]:
+            labels[split] = np.concatenate([t.labels for t in mine]) if mine else np.zeros(0, np.uint8)
+    train = labels.get("train", np.zeros(0, np.uint8))
+    rows = choose_rows(train, options.samples_per_label, options.seed)
     train_blocks = [b for b in found.blocks if b.split == "train"]
     samples = {label: read_rows(train_blocks, picked) for label, picked in rows.items()}
     summary = summarise(found.manifest, saturation, labels)
@@ -146,7 +141,7 @@ def target_kind(target: Path) -> str:
 
 
 def find_built(out: Path) -> _Found:
-    """Blocks over the fastest store the build wrote (zarr, then hdf5, then wds shards)."""
+    """Blocks over the fastest store the build wrote (zarr, then hdf5, then wds shards), every split."""
     manifest = read_manifest(out)
     shape = tuple(manifest["image_shape"])
     formats = {f["format"] for f in manifest["files"]}
@@ -154,14 +149,18 @@ def find_built(out: Path) -> _Found:
     if source is None:
         raise PcamPrepError(f"{out}: the manifest lists no zarr, hdf5 or wds output to read pixels from")
     blocks = []
-    for split in ("train", "test"):
+    for split, info in manifest["splits"].items():
+        labelled = bool(info["labelled"])
         if source == "wds":
             shards = [f for f in manifest["files"] if f["format"] == "wds" and f["split"] == split]
             for entry in sorted(shards, key=lambda f: (f["fold"] or 0, f["path"])):  # f10 after f9
-                blocks += _ranges("wds", str(safe_relpath(out, entry["path"])), split, shape, entry["count"])
+                path, count = str(safe_relpath(out, entry["path"])), entry["count"]
+                blocks += [Block("wds", path, split, labelled, shape, s, min(s + BLOCK_ROWS, count), count)
+                           for s in range(0, count, BLOCK_ROWS)]
         else:
-            store = out / (ZARR_NAME if source == "zarr" else HDF5_NAME)
-            blocks += _ranges(source, str(store), split, shape, manifest["splits"][split]["count"])
+            store, count = str(out / (ZARR_NAME if source == "zarr" else HDF5_NAME)), info["count"]
+            blocks += [Block(source, store, split, labelled, shape, s, min(s + BLOCK_ROWS, count))
+                       for s in range(0, count, BLOCK_ROWS)]
     rejects, duplicates = (_read_table(out / name) for name in (REJECTS_NAME, DUPLICATES_NAME))
     sources, note = _recorded_sources(manifest.get("config", {}))
     return _Found(manifest, source, blocks, rejects, duplicates, sources, note)
@@ -174,18 +173,15 @@ def find_raw(src: Path, executor: Executor, options: EdaOptions) -> _Found:
     found = analyse(config, executor)
     manifest = describe(config, found, [])
     blocks = []
-    for split, frame in (("train", found.train), ("test", found.test)):
-        labels = frame["label"].astype(int).tolist() if split == "train" else []
+    for split, info in manifest["splits"].items():
+        frame, labelled = found.splits[split], bool(info["labelled"])
+        labels = frame["label"].astype(int).tolist() if labelled else []
         for start in range(0, len(frame), BLOCK_ROWS):
             rows = slice(start, start + BLOCK_ROWS)
-            blocks.append(Block("files", "", split, found.shape, files=tuple(frame["path"].iloc[rows]),
+            blocks.append(Block("files", "", split, labelled, found.shape, files=tuple(frame["path"].iloc[rows]),
                                 stamps=tuple(stamps_of(frame.iloc[rows])), labels=tuple(labels[rows])))
     layout = resolve_layout(src)
     return _Found(manifest, "tif", blocks, found.rejects, found.dedup.duplicates, layout)
-
-
-def _ranges(kind: str, path: str, split: str, shape, count: int) -> list[Block]:
-    return [Block(kind, path, split, shape, s, min(s + BLOCK_ROWS, count)) for s in range(0, count, BLOCK_ROWS)]
 
 
 def _read_table(path: Path) -> pd.DataFrame:
@@ -207,63 +203,25 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
 
 
 def read_range(block: Block, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Images (and train labels) of rows [start, stop) of `block`, counted from the block's start."""
+    """Images (and labels, for a labelled split) of rows [start, stop) of `block`, counted from its start.
+
+    Built stores are read through `readers`, the one checked reader per format.
+    """
     if block.kind == "files":
         images = load_images(list(block.files[start:stop]), list(block.stamps[start:stop]), block.shape)
-        return images, np.asarray(block.labels[start:stop], np.uint8) if block.split == "train" else None
+        return images, np.asarray(block.labels[start:stop], np.uint8) if block.labelled else None
     lo, hi = block.start + start, block.start + stop
     if block.kind == "wds":
-        return read_shard_rows(Path(block.path), block.split, block.shape, lo, hi)
-    if block.kind == "zarr":
-        import zarr
-
-        group = zarr.open_group(block.path, mode="r")
-        labels = np.asarray(group[f"{block.split}/y"][lo:hi], np.uint8) if block.split == "train" else None
-        return np.asarray(group[f"{block.split}/x"][lo:hi]), labels
-    import h5py
-
-    with h5py.File(block.path, "r") as fh:
-        labels = np.asarray(fh[f"{block.split}/y"][lo:hi], np.uint8) if block.split == "train" else None
-        return np.asarray(fh[f"{block.split}/x"][lo:hi]), labels
-
-
-def read_shard_rows(path: Path, split: str, shape, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Samples [start, stop) of a shard, found by the fixed layout and checked member by member."""
-    layout = SampleLayout(tuple(shape), split == "train")
-    n, stride = stop - start, layout.stride
-    with open(path, "rb") as fh:
-        fh.seek(start * stride)
-        data = fh.read(n * stride)
-    if len(data) != n * stride:
-        raise PcamPrepError(f"{path}: too short for samples {start}..{stop}; rebuild or run `pcam-prep verify`")
-    images = np.empty((n, *layout.shape), np.uint8)
-    labels = np.empty(n, np.uint8) if layout.labelled else None
-    header = layout.npy_header
-    for i in range(n):
-        pixels = _member(data, i * stride, IMAGE_MEMBER, path)
-        if pixels[: len(header)] != header:
-            raise PcamPrepError(f"{path}: sample {start + i} is not a {layout.shape} uint8 array")
-        images[i] = np.frombuffer(pixels, np.uint8, layout.image_bytes, len(header)).reshape(layout.shape)
-        if labels is not None:
-            labels[i] = int(_member(data, i * stride + layout.label_offset - TAR_BLOCK, LABEL_MEMBER, path))
-    return images, labels
-
-
-def _member(data: bytes, at: int, suffix: str, path: Path) -> bytes:
-    import tarfile
-
-    try:
-        info = tarfile.TarInfo.frombuf(data[at : at + TAR_BLOCK], "utf-8", "strict")
-    except tarfile.HeaderError as exc:
-        raise PcamPrepError(f"{path}: bad tar header at byte {at}: {exc}") from None
-    if not info.name.endswith(f".{suffix}"):
-        raise PcamPrepError(f"{path}: expected a .{suffix} member at byte {at}, found {info.name!r}")
-    return data[at + TAR_BLOCK : at + TAR_BLOCK + info.size]
+        reader = ShardReader(Path(block.path), SampleLayout(block.shape, block.labelled), block.count, mapped=False)
+        images, labels = reader.read(lo, hi, np.empty((hi - lo, *block.shape), np.uint8))
+        return images, labels
+    store = ArrayReader(Path(block.path), block.kind, block.split, mapped=False)
+    return store.range(lo, hi), store.column("y", lo, hi) if block.labelled else None
 
 
 def tally_block(block: Block) -> Tally:
     """Saturation per image and pixel histograms of one block, a few hundred images at a time."""
-    groups = 2 if block.split == "train" else 1
+    groups = 2 if block.labelled else 1
     hist = np.zeros((groups, 3, 256), np.int64)
     saturation, labels = [], []
     for start in range(0, len(block), _STEP):
@@ -320,17 +278,20 @@ def read_rows(blocks: list[Block], rows: np.ndarray) -> np.ndarray:
     return images
 
 
-def summarise(manifest: dict[str, Any], saturation: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, Any]:
-    """The stats object: manifest facts copied as they are, plus shares and the background pass."""
+def summarise(manifest: dict[str, Any], saturation: dict[str, np.ndarray],
+              labels: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The stats object: manifest facts copied as they are, plus shares and the background pass per split."""
     splits = {name: dict(part) for name, part in manifest["splits"].items()}
-    train = splits["train"]
-    train["positive_share"] = _share(train["positives"], train["count"])
+    for part in splits.values():
+        if part["labelled"]:
+            part["positive_share"] = _share(part["positives"], part["count"])
     folds = dict(manifest["folds"])
     folds["counts"] = [{**f, "positive_share": _share(f["positives"], f["count"])} for f in folds["counts"]]
-    background = {"rule": BACKGROUND_RULE, "threshold": BACKGROUND_SATURATION}
-    background["train"] = _background(saturation["train"])
-    background["train"]["by_label"] = {str(k): _background(saturation["train"][labels == k]) for k in (0, 1)}
-    background["test"] = _background(saturation["test"])
+    background: dict[str, Any] = {"rule": BACKGROUND_RULE, "threshold": BACKGROUND_SATURATION}
+    for split, values in saturation.items():
+        background[split] = _background(values)
+        if split in labels:
+            background[split]["by_label"] = {str(k): _background(values[labels[split] == k]) for k in (0, 1)}
     return {
         "image_shape": manifest["image_shape"],
         "splits": splits,

@@ -1,0 +1,146 @@
+"""Build step 7: plan the output pieces and write them in parallel.
+
+    shards  = map(write_wds_piece, plan)          one task per shard, rows read from the sources
+    arrays  = map(write_zarr_piece | hdf5 | tv)   Zarr ranges, the one HDF5 file, torchvision files:
+                                                  rows copied from the finished shards (one read of the sources)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..readers import ShardRows
+from ..schema import (
+    HDF5_NAME,
+    TORCHVISION_DIR,
+    TORCHVISION_SPLITS,
+    WDS_DIR,
+    ZARR_NAME,
+    RowSource,
+    SplitSpec,
+    shard_name,
+    torchvision_name,
+)
+from ..writers import arrays
+from ..writers.wds import remove_with_marker
+from .analyse import Analysis
+from .config import BuildConfig
+from .executor import Executor
+from .tasks import PieceResult, write_hdf5_piece, write_torchvision_piece, write_wds_piece, write_zarr_piece
+
+logger = logging.getLogger(__name__)
+
+
+def write_outputs(executor: Executor, out: Path, found: Analysis, config: BuildConfig) -> list[PieceResult]:
+    """Write the shards first; the arrays then copy from them (one read of each source file)."""
+    frames, shape = found.splits, found.shape
+    specs = {spec.name: spec for spec in found.specs}
+    pieces: list[PieceResult] = []
+    rows: dict[str, RowSource] = {split: found.rows(split) for split in frames}
+    if "wds" in config.formats:
+        (out / WDS_DIR).mkdir(exist_ok=True)
+        plan = _wds_plan(out, found, config)
+        pieces += executor.map("shards", [_wds_task(piece, found) for piece in plan], [p.count for p in plan])
+        rows = {split: ShardRows([(str(p.path), p.count, 0, p.count) for p in plan if p.split == split],
+                                 specs[split].labelled) for split in frames}
+        _remove_stale_shards(out, {p.path.name for p in plan})
+    tasks, units, zarr_tmp = [], [], None
+    if "zarr" in config.formats:
+        zarr_tmp = arrays.create_zarr(out / ZARR_NAME, {s: len(f) for s, f in frames.items()}, shape, config.chunk_rows)
+        step = config.chunk_rows * max(1, 2048 // config.chunk_rows)
+        for split, frame in frames.items():
+            arrays.write_zarr_columns(zarr_tmp, split, _columns(frame, specs[split]))
+            tasks += [(write_zarr_piece, (str(zarr_tmp), split, s, shape, rows[split].part(s, s + step),
+                                          config.chunk_rows)) for s in range(0, len(frame), step)]
+            units += [min(step, len(frame) - s) for s in range(0, len(frame), step)]
+    if "hdf5" in config.formats:
+        columns = {split: (len(frame), _columns(frame, specs[split])) for split, frame in frames.items()}
+        h5_tmp = arrays.create_hdf5(out / HDF5_NAME, shape, config.chunk_rows, columns, config.hdf5_codec)
+        hdf5_task = (write_hdf5_piece, (str(h5_tmp), str(out / HDF5_NAME), shape, config.chunk_rows, rows))
+        tasks.insert(0, hdf5_task)  # the longest task first
+        units.insert(0, sum(len(frame) for frame in frames.values()))
+    tv_tasks, tv_units = _torchvision_tasks(out, found, rows, config.torchvision_names)
+    results = executor.map("arrays", tasks + tv_tasks, units + tv_units)
+    pieces += [piece for result in results for piece in (result if isinstance(result, tuple) else (result,))]
+    if zarr_tmp is not None:
+        arrays.finish_store(zarr_tmp, out / ZARR_NAME)
+    return pieces
+
+
+def _torchvision_tasks(out: Path, found: Analysis, rows: dict[str, RowSource], wanted: bool) -> tuple[list, list[int]]:
+    """torchvision PCAM files of the labelled splits; files of an earlier build that this one does not write go."""
+    labelled = [spec.name for spec in found.specs if spec.labelled] if wanted else []
+    if wanted and len(labelled) < len(found.specs):
+        logger.warning("--torchvision-names: torchvision's PCAM needs labels; not writing the unlabelled split(s) %s",
+                       ", ".join(s.name for s in found.specs if not s.labelled))
+    folder = out / TORCHVISION_DIR
+    keep = {torchvision_name(split, member) for split in labelled for member in ("x", "y")}
+    for name in {torchvision_name(s, m) for s in TORCHVISION_SPLITS for m in ("x", "y")} - keep:
+        (folder / name).unlink(missing_ok=True)
+    if labelled:
+        folder.mkdir(exist_ok=True)
+    elif folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    tasks = [(write_torchvision_piece, (str(folder), split, found.shape,
+                                        found.splits[split]["label"].to_numpy(np.uint8), rows[split]))
+             for split in labelled]
+    return tasks, [len(found.splits[split]) for split in labelled]
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    split: str
+    fold: int | None
+    path: Path
+    rows: np.ndarray  # positions in the split's (fold, id) order
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+
+def _wds_plan(out: Path, found: Analysis, config: BuildConfig) -> list[ShardPlan]:
+    """Shards in row order: train by fold, `shard_size` each, then each other split."""
+    groups = []
+    for spec in found.specs:
+        frame = found.splits[spec.name]
+        if spec.folded:
+            folds = frame["fold"].to_numpy()
+            groups += [(spec.name, fold, np.flatnonzero(folds == fold)) for fold in range(config.folds)]
+        else:
+            groups.append((spec.name, None, np.arange(len(frame))))
+    plan = []
+    for split, fold, index in groups:
+        for shard, start in enumerate(range(0, len(index), config.shard_size)):
+            path = out / WDS_DIR / shard_name(split, shard, fold)
+            plan.append(ShardPlan(split, fold, path, index[start : start + config.shard_size]))
+    return plan
+
+
+def _wds_task(piece: ShardPlan, found: Analysis):
+    frame = found.splits[piece.split]
+    labels = frame["label"].to_numpy(np.uint8)[piece.rows] if "label" in frame else None
+    ids = list(frame["id"].iloc[piece.rows])
+    return write_wds_piece, (str(piece.path), piece.split, found.shape, ids, labels,
+                             found.reader.rows(frame.iloc[piece.rows]))
+
+
+def _columns(frame: pd.DataFrame, spec: SplitSpec) -> dict[str, np.ndarray]:
+    columns = {"id": frame["id"].to_numpy(str)}
+    if spec.labelled:
+        columns["y"] = frame["label"].to_numpy(np.uint8)
+    if spec.folded:
+        columns["fold"] = frame["fold"].to_numpy(np.int8)
+    return columns
+
+
+def _remove_stale_shards(out: Path, current: set[str]) -> None:
+    folder = out / WDS_DIR
+    for path in list(folder.glob("*.tar")) + list(folder.glob(".*.partial")) if folder.is_dir() else ():
+        if path.name not in current:
+            remove_with_marker(path)

@@ -1,0 +1,295 @@
+"""One checked reader per format: WebDataset shards, and the Zarr / HDF5 array stores.
+
+Everything that reads a build goes through these two classes: the loader (batches for
+training), the build's own write stage (Zarr and HDF5 are copied from the finished shards),
+`verify` and the EDA. They know the byte layout from `schema` and nothing about epochs,
+batches or the build.
+
+A shard written by `build` has a fixed byte layout (schema.SampleLayout). It is read either
+memory-mapped, every tar header checked once against the layout (names, sizes, the exact
+npy header: no pickle, no surprise members), or in row ranges with `pread`, each range's
+headers checked the same way before a pixel is used.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import PcamPrepError
+from .memory import scratch
+from .schema import IMAGE_MEMBER, LABEL_MEMBER, TAR_BLOCK, SampleLayout, pixels_view
+
+
+class ShardError(PcamPrepError):
+    """A shard that is not exactly what `build` writes; it is refused, never guessed at."""
+
+
+def _open_map(path: Path) -> np.ndarray:
+    with open(path, "rb") as fh:
+        size = fh.seek(0, 2)
+        if size == 0:
+            raise ShardError(f"{path} is empty")
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # map pages up front: no faults per batch
+        mapped = mmap.mmap(fh.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+    return np.frombuffer(mapped, np.uint8)
+
+
+def _names(headers: np.ndarray) -> list[str]:
+    return [bytes(row).rstrip(b"\0").decode("ascii", "replace") for row in headers[:, :100]]
+
+
+def _sizes(headers: np.ndarray) -> np.ndarray:
+    field = headers[:, 124:136]
+    return np.array([int(bytes(row).rstrip(b"\0 ") or b"0", 8) for row in np.unique(field, axis=0)])
+
+
+class ShardReader:
+    """One shard of `count` samples: checked against the layout before any pixel is used.
+
+    `mapped=True` (the loader) maps the whole shard and checks every header at once; `ids`,
+    `labels` and `images` are then available. `mapped=False` (build, verify-free readers,
+    EDA) only checks the shard's length and end here; `read` then checks each range it reads,
+    so memory stays at one block however large the shard.
+    """
+
+    def __init__(self, path: Path, layout: SampleLayout, count: int, mapped: bool = True) -> None:
+        self.path, self.layout, self.count, self.mapped = Path(path), layout, count, mapped
+        self._data: np.ndarray | None = None
+        self.ids: list[str] | None = None
+        self.labels: np.ndarray | None = None
+        if mapped:
+            self._check_end(self.data)
+            n, stride = count, layout.stride
+            self.ids, self.labels = self._check(self.data[: n * stride].reshape(n, stride))
+        else:
+            self._check_end(None)
+
+    def _check_end(self, data: np.ndarray | None) -> None:
+        """The shard holds `count` samples and nothing after them but the tar end blocks."""
+        n, stride = self.count, self.layout.stride
+        size = data.size if data is not None else os.stat(self.path).st_size
+        if size == 0:
+            raise ShardError(f"{self.path} is empty")
+        if size < n * stride + 2 * TAR_BLOCK:
+            raise ShardError(f"{self.path}: {size} bytes cannot hold {n} samples of {stride} bytes")
+        if data is None:
+            with open(self.path, "rb", buffering=0) as fh:
+                fh.seek(n * stride)
+                end = np.frombuffer(fh.read(2 * TAR_BLOCK), np.uint8)
+        else:
+            end = data[n * stride : n * stride + 2 * TAR_BLOCK]
+        if end.any():
+            raise ShardError(f"{self.path}: unexpected member after sample {n} (shard holds more than the manifest says)")
+
+    def _check(self, records: np.ndarray) -> tuple[list[str], np.ndarray | None]:
+        """ids and labels of (n, stride) sample records, after checking every member header."""
+        layout = self.layout
+        image_names = _names(records[:, :TAR_BLOCK])
+        ids = [name[: -len(IMAGE_MEMBER) - 1] for name in image_names]
+        self._expect(image_names, [f"{i}.{IMAGE_MEMBER}" for i in ids], records[:, :TAR_BLOCK],
+                     layout.image_member_size)
+        header = np.frombuffer(layout.npy_header, np.uint8)
+        bad = np.flatnonzero((records[:, TAR_BLOCK : layout.pixel_offset] != header).any(axis=1))
+        if bad.size:
+            raise ShardError(f"{self.path}: sample {ids[bad[0]]!r} .npy header is not a plain {layout.shape} uint8 "
+                             "array (pickled or foreign members are refused)")
+        labels = None
+        if layout.labelled:
+            at = layout.label_offset
+            label_headers = records[:, at - TAR_BLOCK : at]
+            self._expect(_names(label_headers), [f"{i}.{LABEL_MEMBER}" for i in ids], label_headers, 1)
+            labels = records[:, at] - ord("0")
+            if (labels > 1).any():
+                raise ShardError(f"{self.path}: label of {ids[int(np.argmax(labels > 1))]!r} is not 0/1")
+        return ids, labels
+
+    def _expect(self, names: list[str], wanted: list[str], headers: np.ndarray, size: int) -> None:
+        for got, want in zip(names, wanted):
+            if got != want or not want.split(".")[0]:
+                raise ShardError(f"{self.path}: unexpected member {got!r} where {want!r} belongs; "
+                                 "only .npy/.cls members written by pcam-prep are read")
+        if len(headers) and ((headers[:, 156] != ord("0")).any() or list(_sizes(headers)) != [size]):
+            raise ShardError(f"{self.path}: a member has the wrong type or size (expected regular files of {size} bytes)")
+
+    @property
+    def data(self) -> np.ndarray:
+        if self._data is None:
+            self._data = _open_map(self.path)
+        return self._data
+
+    @property
+    def images(self) -> np.ndarray:
+        """All pixels as a strided (count, H, W, 3) view of the mapping (mapped readers only)."""
+        return pixels_view(self.data, self.layout, self.count)
+
+    def read(self, first: int, stop: int, out: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Samples [first, stop) read with pread into `out[:stop-first]`, headers checked: (images, labels)."""
+        if not 0 <= first <= stop <= self.count:
+            raise IndexError(f"{self.path}: samples {first}..{stop} outside 0..{self.count}")
+        n, stride = stop - first, self.layout.stride
+        raw = scratch("shard-read", (n * stride,))  # one buffer per thread: fresh pages cost more than the copy
+        with open(self.path, "rb", buffering=0) as fh:
+            fh.seek(first * stride)
+            if fh.readinto(raw) != raw.size:
+                raise ShardError(f"{self.path}: shorter than its {self.count} samples; rebuild or run `pcam-prep verify`")
+        _, labels = self._check(raw.reshape(n, stride))
+        out[:n] = pixels_view(raw, self.layout, n)
+        return out[:n], None if labels is None else labels.copy()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_data"] = None  # never pickle a mapping: reopen in the worker
+        return state
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    """Rows of a split that sit in finished shards: (shard path, samples in it, first row, stop row) spans.
+
+    A `schema.RowSource`: the build's Zarr and HDF5 writers copy from these instead of
+    decoding the source files again.
+    """
+
+    spans: list[tuple[str, int, int, int]]
+    labelled: bool
+
+    def __len__(self) -> int:
+        return sum(stop - first for _, _, first, stop in self.spans)
+
+    def part(self, start: int, stop: int) -> ShardRows:
+        spans, offset = [], 0
+        for path, count, first, end in self.spans:
+            lo, hi = max(start, offset), min(stop, offset + end - first)
+            if lo < hi:
+                spans.append((path, count, first + lo - offset, first + hi - offset))
+            offset += end - first
+        return ShardRows(spans, self.labelled)
+
+    def fingerprint(self) -> list[tuple[int, ...]]:
+        raise TypeError("rows copied from shards are not a shard's own source")  # shards are written from sources
+
+    def blocks(self, shape: tuple[int, int, int], rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        # pread into one buffer rather than mmap: mapped shard pages would count towards this
+        # worker's RSS and grow with the dataset; this stays at one block.
+        layout = SampleLayout(tuple(shape), self.labelled)
+        out = np.empty((rows, *shape), np.uint8)
+        filled = start = 0
+        for path, count, first, stop in self.spans:
+            reader = ShardReader(Path(path), layout, count, mapped=False)
+            while first < stop:
+                take = min(stop - first, rows - filled)
+                reader.read(first, first + take, out[filled:])
+                filled, first = filled + take, first + take
+                if filled == rows:
+                    yield start, out
+                    start, filled = start + rows, 0
+        if filled:
+            yield start, out[:filled]
+
+
+def mapped_hdf5_chunks(dataset) -> tuple[list[np.ndarray], int] | None:
+    """An unfiltered HDF5 dataset's chunks as memory-mapped arrays, and the rows per chunk; None if not possible.
+
+    h5py reads a fancy selection row by row through HDF5's hyperslab machinery (~2 ms a row
+    measured); unfiltered chunks are plain C-order bytes at offsets HDF5 reports, so they can
+    be mapped and gathered like shards. Filtered, unallocated or virtual layouts use h5py.
+    """
+    plist = dataset.id.get_create_plist()
+    if plist.get_nfilters() or dataset.chunks is None or dataset.dtype != np.uint8 or not len(dataset):
+        return None
+    per = dataset.chunks[0]
+    count = -(-len(dataset) // per)
+    infos = [dataset.id.get_chunk_info(i) for i in range(dataset.id.get_num_chunks())]
+    if len(infos) != count:
+        return None
+    with open(dataset.file.filename, "rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
+    data = np.frombuffer(mapped, np.uint8)
+    shape, nbytes = (per, *dataset.shape[1:]), per * int(np.prod(dataset.shape[1:]))
+    blocks: list[np.ndarray | None] = [None] * count
+    for info in infos:
+        block = info.chunk_offset[0] // per
+        if info.size != nbytes or info.byte_offset + nbytes > len(data):
+            return None
+        blocks[block] = data[info.byte_offset : info.byte_offset + nbytes].reshape(shape)
+    return blocks, per
+
+
+def gather(blocks: list[np.ndarray], block_of: np.ndarray, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out[k] = blocks[block_of[k]][rows[k]]: one memcpy per image, straight into `out`."""
+    for k, (block, row) in enumerate(zip(block_of.tolist(), rows.tolist())):
+        out[k] = blocks[block][row]
+    return out
+
+
+class ArrayReader:
+    """One split of `pcam.zarr` or `pcam.h5`, opened by path: `{split}/x`, `y`, `id`, `fold`.
+
+    The handle is opened lazily and again after a fork, and never pickled: readers travel to
+    Dask and DataLoader workers as a path. `mapped=True` gathers rows of unfiltered HDF5
+    chunks from a memory map; otherwise (and for Zarr) rows are read through the library.
+    """
+
+    def __init__(self, path: Path, kind: str, split: str, mapped: bool = True) -> None:
+        if kind not in ("zarr", "hdf5"):
+            raise ValueError(f"kind must be zarr or hdf5, got {kind!r}")
+        self.path, self.kind, self.split = Path(path), kind, split
+        self.mapped = mapped and kind == "hdf5"  # False: read through h5py, as other readers do (verify)
+        self._handle, self._pid = None, os.getpid()
+        self._chunks: tuple[list[np.ndarray], int] | bool | None = None  # mapped HDF5 chunks; False: not mappable
+
+    def _group(self):
+        if self._handle is not None and self._pid != os.getpid():  # a forked worker: own handle
+            self._handle = self._chunks = None
+        if self._handle is None:
+            self._pid = os.getpid()
+            if self.kind == "zarr":
+                import zarr
+
+                self._handle = zarr.open_group(str(self.path), mode="r")
+            else:
+                import h5py
+
+                self._handle = h5py.File(self.path, "r")
+        return self._handle
+
+    def __len__(self) -> int:
+        return int(self._group()[f"{self.split}/x"].shape[0])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._group()[f"{self.split}/x"].shape[1:])
+
+    def column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """`id` (as str objects), `y` (uint8) or `fold` (int8) of rows [start, stop) (default: whole)."""
+        values = np.asarray(self._group()[f"{self.split}/{name}"][start:stop])
+        if name == "id":
+            return np.array([i.decode() if isinstance(i, bytes) else str(i) for i in values], dtype=object)
+        return values.astype(np.uint8) if name == "y" else values
+
+    def range(self, start: int, stop: int) -> np.ndarray:
+        """Images of rows [start, stop)."""
+        return np.asarray(self._group()[f"{self.split}/x"][start:stop])
+
+    def take(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Images of store rows `rows` (any order, repeats allowed) into `out`."""
+        x = self._group()[f"{self.split}/x"]
+        if self.mapped and self._chunks is None:
+            self._chunks = mapped_hdf5_chunks(x) or False
+        if self._chunks:
+            blocks, per = self._chunks
+            return gather(blocks, rows // per, rows % per, out)
+        unique, inverse = np.unique(rows, return_inverse=True)  # both libraries want increasing, distinct rows
+        picked = x.get_orthogonal_selection((unique,)) if self.kind == "zarr" else x[unique]
+        return np.take(picked, inverse, axis=0, out=out, mode="clip")  # clip: rows are valid, and out unbuffered
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handle"] = state["_chunks"] = None  # never send an open handle or a mapping anywhere
+        return state

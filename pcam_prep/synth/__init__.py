@@ -1,0 +1,10 @@
+"""Synthetic H&E-like patches in the exact Kaggle (tif folders) and PCam (HDF5 files) layouts.
+
+The generator follows the PCam label rule (tumour in the centre window) and gives ids that
+are the sha1 of the pixels, so every part of the tool can be tested on data it makes itself.
+"""
+
+from .kaggle import SynthSummary, make_patch, write_kaggle
+from .pcam import write_pcam_h5
+
+__all__ = ["SynthSummary", "make_patch", "write_kaggle", "write_pcam_h5"]
