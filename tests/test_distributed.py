@@ -49,6 +49,7 @@ def cluster(tmp_path_factory):
                 proc.kill()
 
 
+@pytest.mark.slow
 def test_cluster_build_is_byte_identical_to_a_local_build(cluster: str, kaggle_src: Path, built: Path,
                                                          tmp_path: Path) -> None:
     out = tmp_path / "on-cluster"

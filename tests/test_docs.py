@@ -74,3 +74,14 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second() -> None:
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
     assert "pcam-prep build" in blocks[0] and "pytest" in blocks[1]
     assert blocks[1].strip() in ci
+
+
+def test_the_trainer_imports_neither_dask_nor_the_build() -> None:
+    import subprocess
+    import sys
+
+    probe = ("import sys, pcam_prep.train.loop, pcam_prep.train.predict; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed') "
+             "or m.startswith(('pcam_prep.pipeline', 'pcam_prep.eda'))))")
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert found.strip() == "[]"

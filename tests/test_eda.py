@@ -236,3 +236,13 @@ def test_stats_covers_every_split_of_a_pcam_build_without_test(tmp_path: Path, f
         assert sum(p["images"] for p in part["by_label"].values()) == part["images"]
     run_stats(tmp_path / "out", "--report", tmp_path / "report", "--workers", "1")
     assert (tmp_path / "report" / "intensity_histograms.png").is_file()
+
+
+def test_stats_and_report_on_a_kaggle_build_without_test(tmp_path: Path) -> None:
+    write_kaggle(tmp_path / "src", 30, 5, seed=4)
+    build(BuildConfig(src=tmp_path / "src", out=tmp_path / "out", formats=("zarr",), folds=2, no_test=True, workers=1))
+    found, _ = run_stats(tmp_path / "out", "--json", "--workers", "1")
+    assert found["splits"]["test"]["count"] == found["background"]["test"]["images"] == 0
+    assert found["background"]["train"]["images"] == found["splits"]["train"]["count"] > 0
+    run_stats(tmp_path / "out", "--report", tmp_path / "report", "--workers", "1")
+    assert (tmp_path / "report" / "background_saturation.png").is_file()

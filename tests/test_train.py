@@ -71,6 +71,7 @@ def _centre(images: np.ndarray) -> tuple[slice, slice, slice, slice]:
     return slice(None), window, window, slice(None)
 
 
+@pytest.mark.slow
 def test_negative_tissue_in_the_centre_window_lowers_the_score(quality: dict) -> None:
     model, ckpt = load_checkpoint(quality["run"] / "best.pt", CPU)
     source = open_source(quality["out"], "train", [0])
@@ -86,6 +87,7 @@ def test_negative_tissue_in_the_centre_window_lowers_the_score(quality: dict) ->
     assert np.median(after) < 0.5 < np.median(before)
 
 
+@pytest.mark.slow
 def test_a_run_writes_metrics_checkpoints_predictions_and_figures(quality: dict) -> None:
     run = quality["run"]
     metrics = json.loads((run / "metrics.json").read_text())
@@ -106,6 +108,7 @@ def test_a_run_writes_metrics_checkpoints_predictions_and_figures(quality: dict)
 
 
 @pytest.mark.parametrize("tta", ["1", "8"])
+@pytest.mark.slow
 def test_predict_writes_a_kaggle_submission(quality: dict, tmp_path: Path, tta: str) -> None:
     out = tmp_path / "submission.csv"
     result = CliRunner().invoke(main, ["predict", "--shards", str(quality["out"]), "--checkpoint",
@@ -118,6 +121,7 @@ def test_predict_writes_a_kaggle_submission(quality: dict, tmp_path: Path, tta: 
     assert all(0.0 <= float(r[1]) <= 1.0 for r in rows)
 
 
+@pytest.mark.slow
 def test_predict_on_a_validation_fold_reports_its_auc(quality: dict, tmp_path: Path) -> None:
     out = tmp_path / "val.csv"
     result = CliRunner().invoke(main, ["predict", "--shards", str(quality["out"]), "--checkpoint",
@@ -127,6 +131,7 @@ def test_predict_on_a_validation_fold_reports_its_auc(quality: dict, tmp_path: P
     assert "AUC 0.9" in result.output and out.read_text().startswith("id,label,prob\n")
 
 
+@pytest.mark.slow
 def test_predict_scores_a_pcam_valid_split_and_names_unknown_ones(quality: dict, tmp_path: Path) -> None:
     write_pcam_h5(tmp_path / "pcam", 60, 30, 20, seed=3)
     build(BuildConfig(src=tmp_path / "pcam", out=tmp_path / "out", formats=("wds",), workers=1))
