@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import platform
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import SourceChanged
+from .errors import Refused, SourceChanged
 from .memory import scratch
+
+LOCK_NAME = ".pcam-prep.lock"  # inside OUT; held (flock) for the whole build, released by the kernel on exit
 
 _HASH_CHUNK = 1024 * 1024
 
@@ -66,3 +75,77 @@ def check_unchanged(path: str | Path, stamp: tuple[int, int], now: tuple[int, in
     if now != tuple(stamp):
         raise SourceChanged(f"{path} changed while the build was running (size/mtime {tuple(stamp)} -> {now}); "
                             "run the build again to pick up the new content")
+
+
+@contextmanager
+def exclusive_folder(out: Path, what: str = "pcam-prep build") -> Iterator[Path]:
+    """Hold OUT's lock file for the block: one writer per folder, released by the kernel if the process dies.
+
+    A second holder is refused at once (`Refused`, exit status 2) with the first one's pid, host
+    and start time, before anything in OUT is touched. The lock file is never removed: removing
+    it would let a third process lock a new file while the second still holds the old one.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Refused(f"{out} is being built by another {what} ({_holder(fd)}); wait for it or use another --out") \
+                from None
+        holder = json.dumps({"pid": os.getpid(), "host": platform.node(),
+                             "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder, 0)
+        yield out
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
+
+
+def _holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {info['pid']} on {info['host']} since {info['since']}"
+    except (ValueError, KeyError):
+        return "holder unknown"
+
+
+def build_in_progress(out: Path) -> str | None:
+    """'pid N on HOST since TIME' when a build holds OUT's lock right now, else None."""
+    try:
+        fd = os.open(Path(out) / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT, also when a library (h5py, zarr) wraps it and keeps only the message."""
+    if isinstance(exc, OSError) and exc.errno in OUT_OF_SPACE:
+        return True
+    text = str(exc)
+    return isinstance(exc, OSError) and ("No space left on device" in text or "Disk quota exceeded" in text)
+
+
+def free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"

@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import PcamPrepError
-from .files import write_json_atomic
+from .files import build_in_progress, write_json_atomic
 from .schema import MANIFEST_NAME
 
 MANIFEST_VERSION = 1
@@ -41,7 +41,12 @@ def safe_relpath(out: Path, rel: str) -> Path:
 def read_manifest(out: Path) -> dict[str, Any]:
     path = Path(out) / MANIFEST_NAME
     if not path.is_file():
-        raise PcamPrepError(f"{out} has no {MANIFEST_NAME}: not a finished pcam-prep build (run `pcam-prep build`)")
+        busy = build_in_progress(Path(out))
+        if busy:
+            raise PcamPrepError(f"{out} is being built right now ({busy}); its files are not whole until the build "
+                                f"writes {MANIFEST_NAME}: wait for it to finish")
+        raise PcamPrepError(f"{out} has no {MANIFEST_NAME}: not a finished pcam-prep build (run `pcam-prep build`; "
+                            "an interrupted build resumes when rerun)")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

@@ -43,6 +43,7 @@ HDF5_NAME = "pcam.h5"
 WDS_DIR = "wds"
 MANIFEST_NAME = "manifest.json"
 RUN_INFO_NAME = "run.json"  # timings and host: kept out of the checksummed outputs
+BUILD_LOG_NAME = "build.log"  # the traceback of a build that failed unexpectedly
 REJECTS_NAME = "rejects.csv"
 DUPLICATES_NAME = "duplicates.csv"
 

@@ -36,6 +36,7 @@ def main(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    click.get_current_context().obj = {"verbose": verbose}
 
 
 @main.command()
@@ -126,6 +127,8 @@ def _split_formats(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--workers", type=click.IntRange(min=1), help="Local worker processes  [default: one per core]")
 @click.option("--scheduler", help=SCHEDULER_HELP)
 @click.option("--batch-size", type=int, help="Files per Dask task  [default: 2048]")
+@click.option("--no-space-check", "space_check", flag_value=False, default=None,
+              help="Start writing even when OUT's filesystem has less free space than the build needs.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Run spec TOML with a [build] table; flags override it.")
 @friendly_errors

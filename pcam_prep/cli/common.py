@@ -18,7 +18,13 @@ def friendly_errors(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except PcamPrepError as exc:
-            raise click.ClickException(str(exc)) from None
+            details = getattr(exc, "details", "")
+            context = click.get_current_context(silent=True)
+            if details and context is not None and (context.find_root().obj or {}).get("verbose", 0) >= 2:
+                click.echo(details, err=True)  # -vv: the worker's traceback too
+            error = click.ClickException(str(exc))
+            error.exit_code = exc.exit_code  # 2: refused before starting (busy OUT, no space)
+            raise error from None
 
     return wrapper
 

@@ -18,7 +18,7 @@ from ..schema import FORMATS, IMAGE_SIZE
 
 # Settings that change how fast a build runs but never what it writes; they are kept
 # out of the manifest so outputs stay byte-identical across machines and schedulers.
-EXECUTION_FIELDS = ("workers", "scheduler", "batch_size")
+EXECUTION_FIELDS = ("workers", "scheduler", "batch_size", "space_check")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class BuildConfig:
     batch_size: int = 2048  # files per Dask task; thousands amortise the ~1 ms task cost
     workers: int | None = None  # local threads; default: one per core
     scheduler: str | None = None  # 'threads', 'processes', 'sync' or a tcp:// dask.distributed address
+    space_check: bool = True  # refuse to start writing when OUT's filesystem has less free space than the estimate
 
     def __post_init__(self) -> None:
         bad = [f for f in self.formats if f not in FORMATS]

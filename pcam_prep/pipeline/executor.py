@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib
 import logging
 import multiprocessing
+import os
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import AbstractContextManager
@@ -20,7 +22,8 @@ from typing import Any
 import dask
 from dask.callbacks import Callback
 
-from ..errors import PcamPrepError
+from ..errors import OutOfSpace, PcamPrepError, TaskFailed
+from ..files import is_out_of_space
 from ..memory import keep_freed_memory
 from ..progress import ProgressFn
 
@@ -41,6 +44,43 @@ class _TaskCounter(Callback):
         if key in self.units:
             self.done += self.units[key]
             self.progress(self.stage, self.done, self.total)
+
+
+class Guarded:
+    """A task function that fails as one line naming its stage and what it was working on.
+
+    Expected failures (PcamPrepError: a changed source, a bad shard) pass through as they are;
+    a full disk becomes OutOfSpace naming the file; anything else becomes TaskFailed, carrying
+    the worker's traceback for `-vv` and OUT/build.log. Picklable: it travels to workers.
+    """
+
+    def __init__(self, stage: str, func: Callable[..., Any]) -> None:
+        self.stage, self.func = stage, func
+
+    def __call__(self, *args: Any) -> Any:
+        try:
+            return self.func(*args)
+        except PcamPrepError:
+            raise
+        except Exception as exc:
+            what = describe_args(args)
+            if is_out_of_space(exc):
+                raise OutOfSpace(f"no space left on the device while writing {what}") from None
+            raise TaskFailed(f"{self.stage} failed on {what}: {type(exc).__name__}: {exc}",
+                             traceback.format_exc()) from None
+
+
+def describe_args(args: tuple) -> str:
+    """What a task works on, for an error line: its output path, or the files it reads."""
+    for arg in args:
+        if isinstance(arg, (str, os.PathLike)) and os.path.sep in str(arg):
+            return str(arg)
+        if isinstance(arg, (list, tuple)) and arg and isinstance(arg[0], (str, os.PathLike)):
+            return f"{len(arg)} files from {arg[0]}" if len(arg) > 1 else str(arg[0])
+        paths = getattr(arg, "paths", None)
+        if paths:
+            return f"{len(paths)} files from {paths[0]}"
+    return "one of its tasks"
 
 
 def init_worker(preload: tuple[str, ...] = ()) -> None:
@@ -120,7 +160,7 @@ class Executor(AbstractContextManager):
         """
         if not calls:
             return []
-        tasks = [dask.delayed(func, pure=False)(*args) for func, args in calls]
+        tasks = [dask.delayed(Guarded(stage, func), pure=False)(*args) for func, args in calls]
         start = time.perf_counter()
         try:
             return self._run(stage, tasks, list(units) if units is not None else [1] * len(tasks))

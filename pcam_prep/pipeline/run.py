@@ -17,15 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..files import write_json_atomic
+from ..errors import OutOfSpace, Refused, TaskFailed
+from ..files import exclusive_folder, free_bytes, human_bytes, is_out_of_space, write_json_atomic
 from ..manifest import write_manifest
 from ..memory import release_freed_memory
-from ..schema import MANIFEST_NAME, RUN_INFO_NAME
+from ..schema import BUILD_LOG_NAME, MANIFEST_NAME, RUN_INFO_NAME
 from .analyse import Clock, analyse
 from .card import describe, describe_files, write_tables
 from .config import BuildConfig
 from .executor import Executor, ProgressFn
-from .write import write_outputs
+from .write import remove_partials, space_needed, write_outputs
 
 
 @dataclass(frozen=True)
@@ -36,15 +37,46 @@ class BuildSummary:
 
 
 def build(config: BuildConfig, progress: ProgressFn | None = None) -> BuildSummary:
-    """Build every requested format from `config.src` (Kaggle folders or PCam HDF5 files) into `config.out`."""
-    clock = Clock()
+    """Build every requested format from `config.src` (Kaggle folders or PCam HDF5 files) into `config.out`.
+
+    One build per OUT: the folder's lock is held throughout, and a second build is refused
+    (errors.Refused) before it touches anything. Failures end as one PcamPrepError line: a full
+    disk names the file and removes the temporary files (a rerun resumes from the finished
+    shards); an unexpected error in a task names its stage and files, its traceback in OUT/build.log.
+    """
     out = config.out.resolve()
-    _prepare_out(out)
+    with exclusive_folder(out):
+        try:
+            return _build(config, out, progress)
+        except (OutOfSpace, OSError) as exc:
+            if not isinstance(exc, OutOfSpace) and not is_out_of_space(exc):
+                raise
+            what = str(exc) if isinstance(exc, OutOfSpace) else f"no space left on the device while writing {out}"
+            remove_partials(out)
+            free = human_bytes(free_bytes(out))
+            raise OutOfSpace(f"{what} ({free} free now); free some space and rerun the same command: it resumes "
+                             "from the finished shards (temporary files were removed)") from None
+        except TaskFailed as exc:
+            log = out / BUILD_LOG_NAME
+            log.write_text(f"{exc}\n\n{exc.details}")
+            raise TaskFailed(f"{exc} (traceback in {log})", exc.details) from None
+
+
+def _build(config: BuildConfig, out: Path, progress: ProgressFn | None) -> BuildSummary:
+    clock = Clock()
     preload = tuple(m for f, m in (("zarr", "zarr"), ("hdf5", "h5py")) if f in config.formats)
     with Executor(config.scheduler, config.n_workers, progress, preload) as executor:
         found = analyse(config, executor, clock)
         release_freed_memory()
-        pieces = write_outputs(executor, out, found, config)
+        need, free = space_needed(out, found, config), free_bytes(out)
+        if config.space_check and need > free:
+            raise Refused(f"need ~{human_bytes(need)} in {out}, {human_bytes(free)} free (pass --no-space-check to "
+                          "try anyway)")
+        _prepare_out(out)  # nothing was written before this point: a refused build leaves OUT as it was
+        try:
+            pieces = write_outputs(executor, out, found, config)
+        except OutOfSpace as exc:
+            raise OutOfSpace(f"{exc}; this build needs ~{human_bytes(need)} in all") from None
         clock.lap("write")
     files = describe_files(out, config, found, pieces)
     files += write_tables(out, found.rejects, found.dedup.duplicates)
@@ -57,8 +89,8 @@ def build(config: BuildConfig, progress: ProgressFn | None = None) -> BuildSumma
 
 def _prepare_out(out: Path) -> None:
     """Remove the old manifest first: from here until the new one lands, OUT is not whole."""
-    out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_NAME).unlink(missing_ok=True)
+    (out / BUILD_LOG_NAME).unlink(missing_ok=True)
 
 
 def _run_info(config: BuildConfig, executor: Executor, laps: dict[str, float]) -> dict[str, Any]:

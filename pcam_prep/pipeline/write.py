@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from ..schema import (
     WDS_DIR,
     ZARR_NAME,
     RowSource,
+    SampleLayout,
     SplitSpec,
     shard_name,
     torchvision_name,
@@ -70,6 +72,43 @@ def write_outputs(executor: Executor, out: Path, found: Analysis, config: BuildC
     if zarr_tmp is not None:
         arrays.finish_store(zarr_tmp, out / ZARR_NAME)
     return pieces
+
+
+SPACE_MARGIN = 1.05  # tar end blocks, HDF5/Zarr metadata, the tables and the manifest
+SPACE_SLACK = 4 * 1024 * 1024
+
+
+def space_needed(out: Path, found: Analysis, config: BuildConfig) -> int:
+    """Bytes the requested formats will add to OUT's filesystem, from the fixed sample layout.
+
+    Shards are exactly `stride` bytes a sample; Zarr and HDF5 are counted uncompressed (Blosc
+    LZ4 saves little on H&E pixels), so the estimate errs high. Finished shards an earlier run
+    left are reused, so they are not counted again; the old Zarr and HDF5 are replaced only
+    after the new ones are complete, so they are.
+    """
+    need = 0
+    for spec in found.specs:
+        n = len(found.splits[spec.name])
+        layout = SampleLayout(found.shape, spec.labelled)
+        if "wds" in config.formats:
+            need += n * layout.stride
+        need += n * layout.image_bytes * sum(f in config.formats for f in ("zarr", "hdf5"))
+        if config.torchvision_names and spec.labelled:
+            need += n * layout.image_bytes
+    reused = sum(p.stat().st_size for p in (out / WDS_DIR).glob("*.tar")) if "wds" in config.formats else 0
+    return max(0, int(need * SPACE_MARGIN) - reused) + SPACE_SLACK
+
+
+def remove_partials(out: Path) -> list[str]:
+    """Delete every temporary (`.NAME.partial`) file or store under OUT: after a failure none of them is whole."""
+    removed = []
+    for path in sorted(out.rglob(".*.partial")):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path.relative_to(out).as_posix())
+    return removed
 
 
 def _torchvision_tasks(out: Path, found: Analysis, rows: dict[str, RowSource], wanted: bool) -> tuple[list, list[int]]:

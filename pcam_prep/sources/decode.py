@@ -15,6 +15,8 @@ import logging
 import os
 import stat
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import tifffile
@@ -26,6 +28,41 @@ logger = logging.getLogger(__name__)
 MAX_FILE_BYTES = 8 * 1024 * 1024  # a 96x96 RGB patch is ~28 KB in any sane encoding
 MAX_PIXELS = 4096 * 4096  # refuse to even decode headers that promise more than this
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+class _TiffLog(logging.Handler):
+    """tifffile's log records, caught per thread while one of our decodes runs.
+
+    tifffile logs what it tolerates in a corrupt file (e.g. "invalid circular reference to
+    IFD") on its own logger, which would print raw to the terminal from every worker. Here
+    they become part of the file's reject detail, or an info line of ours (`-v`) when
+    the file still decodes; they never propagate to the root logger.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.local = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        caught = getattr(self.local, "caught", None)
+        if caught is None:
+            logger.debug("tifffile: %s", record.getMessage())
+        else:
+            caught.append(record.getMessage())
+
+    @contextmanager
+    def catching(self) -> Iterator[list[str]]:
+        self.local.caught = caught = []
+        try:
+            yield caught
+        finally:
+            self.local.caught = None
+
+
+_TIFF_LOG = _TiffLog()
+_tifffile_logger = logging.getLogger("tifffile")
+_tifffile_logger.addHandler(_TIFF_LOG)
+_tifffile_logger.propagate = False
 
 
 class Reject(Exception):
@@ -48,12 +85,12 @@ class TiffDecoder:
         self._layouts: dict[int, list[tuple[int, bytes, bytes]]] = {}
         self._lock = threading.Lock()
 
-    def decode(self, data: bytes) -> np.ndarray:
-        """Return the image for `data`, or raise Reject with the reason."""
+    def decode(self, data: bytes, name: str = "a file") -> np.ndarray:
+        """Return the image for `data`, or raise Reject with the reason; `name` is for log lines."""
         for offset, head, tail in self._layouts.get(len(data), ()):
             if data.startswith(head) and (not tail or data.endswith(tail)):
                 return np.frombuffer(data, np.uint8, self.nbytes, offset).reshape(self.shape)
-        image, offset = self._decode_tifffile(data)
+        image, offset = self._decode_tifffile(data, name)
         if offset is not None:
             self._remember(data, offset)
         return image
@@ -67,25 +104,28 @@ class TiffDecoder:
                 layouts.append(layout)
                 logger.debug("cached TIFF layout: %d bytes, pixels at %d", len(data), offset)
 
-    def _decode_tifffile(self, data: bytes) -> tuple[np.ndarray, int | None]:
+    def _decode_tifffile(self, data: bytes, name: str) -> tuple[np.ndarray, int | None]:
         if not data:
             raise Reject("empty", "zero-byte file")
         if data[:4] not in _TIFF_MAGIC:
             raise Reject("not-tiff", f"starts with {data[:4]!r}")
-        try:
-            with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                if len(tif.pages) != 1:
-                    raise Reject("multi-page", f"{len(tif.pages)} pages")
-                page = tif.pages.first
-                self._check_header(page, len(data))
-                image = page.asarray()
-                slice_offset = _plain_strip_offset(page)
-        except Reject:
-            raise
-        except (TypeError, AttributeError, NameError):
-            raise  # our bugs, not bad data
-        except Exception as exc:  # tifffile raises many types for corrupt input
-            raise Reject("unreadable", f"{type(exc).__name__}: {exc}") from None
+        with _TIFF_LOG.catching() as said:
+            try:
+                with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                    if len(tif.pages) != 1:
+                        raise Reject("multi-page", f"{len(tif.pages)} pages")
+                    page = tif.pages.first
+                    self._check_header(page, len(data))
+                    image = page.asarray()
+                    slice_offset = _plain_strip_offset(page)
+            except Reject as reject:
+                raise _with_log(reject, said) from None
+            except (TypeError, AttributeError, NameError):
+                raise  # our bugs, not bad data
+            except Exception as exc:  # tifffile raises many types for corrupt input
+                raise _with_log(Reject("unreadable", f"{type(exc).__name__}: {exc}"), said) from None
+        if said:
+            logger.info("%s decoded, but tifffile said: %s", name, "; ".join(dict.fromkeys(said)))
         image = self._to_hwc(page, image)
         if slice_offset is not None:
             view = np.frombuffer(data, np.uint8, self.nbytes, slice_offset).reshape(self.shape)
@@ -115,6 +155,14 @@ class TiffDecoder:
         if image.shape != self.shape:
             raise Reject("bad-shape", f"decoded shape {image.shape}, expected {self.shape}")
         return image
+
+
+def _with_log(reject: Reject, said: list[str]) -> Reject:
+    """The reject with what tifffile logged about the file appended to its detail (each message once)."""
+    if not said:
+        return reject
+    logged = "; ".join(dict.fromkeys(said))
+    return Reject(reject.reason, f"{reject.detail} (tifffile: {logged})" if reject.detail else f"tifffile: {logged}")
 
 
 def _plain_strip_offset(page: tifffile.TiffPage) -> int | None:

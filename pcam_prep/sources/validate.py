@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import SourceChanged
 from ..files import check_unchanged
 from ..memory import scratch
 from ..moments import Moments, channel_moments, merge
@@ -46,7 +47,7 @@ def inspect_one(path: str, decoder: TiffDecoder) -> tuple[np.ndarray, tuple[int,
         data, stamp = read_file(path)
     except OSError as exc:
         raise Reject("io-error", f"{type(exc).__name__}: {exc.strerror or exc}") from None
-    return decoder.decode(data), stamp
+    return decoder.decode(data, path), stamp
 
 
 def blank_mask(images: np.ndarray) -> np.ndarray:
@@ -105,7 +106,12 @@ def load_images(paths: list[str], stamps: list[tuple[int, int]], shape: tuple[in
     decoder = decoder_for(tuple(shape))
     out = np.empty((len(paths), *shape), np.uint8)
     for i, (path, stamp) in enumerate(zip(paths, stamps)):
-        data, now = read_file(path)
-        check_unchanged(path, stamp, now)
-        out[i] = decoder.decode(data)
+        try:
+            data, now = read_file(path)
+            check_unchanged(path, stamp, now)
+            out[i] = decoder.decode(data, path)
+        except (FileNotFoundError, Reject) as exc:  # passed inspection, so it changed since
+            what = "was removed" if isinstance(exc, FileNotFoundError) else f"is now rejected ({exc})"
+            raise SourceChanged(f"{path} {what} while the build was running; run the build again to pick up "
+                                "the change") from None
     return out
