@@ -129,6 +129,8 @@ def open_source(out: Path, split: str = "train", folds: Sequence[int] | None = N
     manifest = read_manifest(out)
     if split not in manifest["splits"]:
         raise PcamPrepError(f"split must be one of {', '.join(manifest['splits'])}, got {split!r}")
+    if manifest["splits"][split]["count"] == 0:
+        raise PcamPrepError(f"{out} has no {split} images (the build kept 0; see its rejects.csv)")
     if folds is not None:
         bad = sorted(set(folds) - set(range(manifest["folds"]["k"])))
         if bad:
@@ -137,7 +139,11 @@ def open_source(out: Path, split: str = "train", folds: Sequence[int] | None = N
     if fmt not in FORMATS:
         raise PcamPrepError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     if fmt not in built:
-        raise PcamPrepError(f"{out} has no {fmt} output (built: {', '.join(sorted(built - {'csv'}))})")
+        others = sorted(built & set(FORMATS))
+        if not others:
+            raise PcamPrepError(f"{out} holds no images (the build kept {manifest['splits'][split]['count']} {split} "
+                                "images and wrote no wds, zarr or hdf5 output): rebuild it")
+        raise PcamPrepError(f"{out} has no {fmt} output (built: {', '.join(others)}): pass --format {others[0]}")
     if fmt == "wds":
         return WdsSource(out, manifest, split, folds)
     return ArraySource(out / FORMATS[fmt], fmt, split, folds, split_spec(manifest, split), mapped)

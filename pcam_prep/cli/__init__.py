@@ -6,14 +6,13 @@ see one clear line instead of a traceback.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import click
 
 from .. import __version__
-from .common import SCHEDULER_HELP, Bars, friendly_errors
+from .common import SCHEDULER_HELP, Bars, add_verbose_option, friendly_errors, set_verbosity
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -34,9 +33,7 @@ def main(verbose: int) -> None:
       pcam-prep train --shards shards/
       pcam-prep predict --shards shards/ --tta 8
     """
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    click.get_current_context().obj = {"verbose": verbose}
+    set_verbosity(click.get_current_context(), verbose)
 
 
 @main.command()
@@ -101,8 +98,9 @@ def _split_formats(ctx: click.Context, param: click.Parameter, value: str | None
 @main.command()
 @click.option("--src", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Kaggle competition root (train/, test/, train_labels.csv) or its train/ folder; "
-                   "or a folder of PCam camelyonpatch_level_2_split_*_{x,y}.h5 files.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+                   "or a folder of PCam camelyonpatch_level_2_split_*_{x,y}.h5 files  [required, here or in --config]")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (created)  [required, here or in --config]")
 @click.option("--layout", type=click.Choice(["auto", "kaggle", "pcam-h5"]),
               help="How to read --src  [default: auto: pcam-h5 if it holds camelyonpatch_* files, else kaggle]")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -121,6 +119,10 @@ def _split_formats(ctx: click.Context, param: click.Parameter, value: str | None
               help="Also write OUT/pcam/camelyonpatch_level_2_split_{train,val,test}_{x,y}.h5 for "
                    "torchvision.datasets.PCAM (labelled splits only).")
 @click.option("--keep-blank", is_flag=True, default=None, help="Keep all-black/all-white patches.")
+@click.option("--image-size", type=click.IntRange(min=32),
+              help="Height and width of the patches; others are rejected bad-shape  [default: 96]")
+@click.option("--allow-empty", is_flag=True, default=None,
+              help="Write the build even when it keeps no train image (or nothing of a split that had files).")
 @click.option("--near-duplicates", is_flag=True, default=None,
               help="Also treat flipped/rotated copies (8 dihedral transforms) as duplicates; one more read pass.")
 @click.option("--strict", is_flag=True, default=None, help="Exit with status 3 if anything was rejected.")
@@ -157,7 +159,7 @@ def build(config_file: Path | None, **flags: Any) -> None:
     bars = Bars("img")
     summary = run_build(config, progress=bars)
     bars.close()
-    click.echo(format_build_summary(summary.manifest, summary.seconds, summary.out))
+    click.echo(format_build_summary(summary.manifest, summary.seconds, summary.out, summary.reused))
     if config.strict and summary.manifest["rejects"]["count"]:
         raise click.exceptions.Exit(3)
 
@@ -192,7 +194,8 @@ def verify(out: Path, sample: int | None, seed: int) -> None:
         raise click.exceptions.Exit(1)
 
 
-def format_build_summary(manifest: dict[str, Any], seconds: dict[str, float], out: Path) -> str:
+def format_build_summary(manifest: dict[str, Any], seconds: dict[str, float], out: Path,
+                         reused: tuple[int, int] = (0, 0)) -> str:
     splits = manifest["splits"]
     total = seconds.get("total", 0.0)
     rate = sum(s["count"] for s in splits.values()) / total if total else 0.0
@@ -204,11 +207,21 @@ def format_build_summary(manifest: dict[str, Any], seconds: dict[str, float], ou
     lines += [
         f"  rejected {manifest['rejects']['count']:,}  {_counts(manifest['rejects']['by_reason'])}",
         f"  duplicates dropped {manifest['duplicates']['count']:,}  {_counts(manifest['duplicates']['by_kind'])}",
-        "  mean " + " ".join(f"{v:.4f}" for v in manifest["stats"]["mean"])
-        + "   std " + " ".join(f"{v:.4f}" for v in manifest["stats"]["std"]),
+        "  mean " + _values(manifest["stats"]["mean"]) + "   std " + _values(manifest["stats"]["std"]),
         f"  files {len(manifest['files'])}: " + ", ".join(sorted({f['format'] for f in manifest['files']})),
     ]
+    mismatched = manifest.get("ids", {}).get("sha1_mismatch", 0)
+    if mismatched:
+        lines.append(f"  warning: {mismatched:,} ids are not the sha1 of their pixels (Kaggle ids are): renamed or "
+                     "edited files? (manifest ids.sha1_mismatch)")
+    if reused[0]:
+        lines.append(f"  reused {reused[0]} of {reused[1]} shards from the earlier build (inputs unchanged); "
+                     "every file was still decoded and checked, and Zarr/HDF5 were rewritten")
     return "\n".join(lines)
+
+
+def _values(values: list[float] | None) -> str:
+    return " ".join(f"{v:.4f}" for v in values) if values is not None else "- (no train images)"
 
 
 def _counts(counts: dict[str, int]) -> str:
@@ -221,6 +234,7 @@ from .train import bench, predict, train
 
 for command in (stats, train, predict, bench):
     main.add_command(command)
+add_verbose_option(main)  # `pcam-prep build -v` works as well as `pcam-prep -v build`
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -12,11 +13,47 @@ import click
 from ..errors import PcamPrepError
 
 
+def set_verbosity(ctx: click.Context, verbose: int) -> None:
+    """-v info, -vv debug; the most -v given anywhere on the command line wins."""
+    root = ctx.find_root()
+    root.obj = root.obj or {}
+    root.obj["verbose"] = max(root.obj.get("verbose", 0), verbose)
+    level = logging.WARNING - 10 * min(root.obj["verbose"], 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
+
+
+def add_verbose_option(group: click.Group) -> None:
+    """Give every sub-command its own -v/--verbose, so it may come after the command name too."""
+    for command in group.commands.values():
+        command.params.append(click.Option(
+            ["-v", "--verbose"], count=True, expose_value=False, is_eager=True,
+            callback=lambda ctx, param, value: set_verbosity(ctx, value) if value else None,
+            help="Log more (-v info, -vv debug)."))
+        if isinstance(command, click.Group):
+            add_verbose_option(command)
+
+
+INTERRUPTED = {  # what Ctrl-C leaves behind, per command
+    "build": "interrupted: nothing is lost; rerun the same command to resume from the finished shards",
+    "synth": "interrupted: rerun the same command to write the rest",
+}
+
+
 def friendly_errors(func: Callable) -> Callable:
+    """PcamPrepError, OS errors on the user's paths and Ctrl-C become one line and an exit status."""
+
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            message = str(exc) or INTERRUPTED.get(func.__name__, "interrupted")
+            click.echo(f"\n{message}", err=True)
+            raise click.exceptions.Exit(130) from None
+        except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
         except PcamPrepError as exc:
             details = getattr(exc, "details", "")
             context = click.get_current_context(silent=True)

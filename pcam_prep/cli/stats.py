@@ -37,7 +37,7 @@ def stats(target: Path, as_json: bool, report: Path | None, run: Path | None, wo
     Example:
       pcam-prep stats shards/
       pcam-prep stats data/demo --json > stats.json
-      pcam-prep stats shards/ --report report/ --run runs/resnet18
+      pcam-prep stats shards/ --report report/ --run runs/train
     """
     from ..eda import EdaOptions, collect
 
@@ -92,6 +92,8 @@ def _folds(summary: dict[str, Any]) -> str:
 def _channels(summary: dict[str, Any]) -> str:
     stats = summary["stats"]
     lines = [f"{'channel':<10}{'mean':>10}{'std':>10}   (0-1 scale, {stats['images']:,} train images)"]
+    if stats["mean"] is None:  # a build kept no train image (--allow-empty)
+        return "\n".join(lines + ["(no train images: no channel statistics)"])
     lines += [f"{c:<10}{m:>10.4f}{s:>10.4f}" for c, m, s in zip("RGB", stats["mean"], stats["std"])]
     return "\n".join(lines)
 
@@ -102,6 +104,7 @@ def _problems(summary: dict[str, Any]) -> str:
         f"rejects     {rejects['count']:>8,}  {_counts(rejects['by_reason'])}",
         f"duplicates  {duplicates['count']:>8,}  {_counts(duplicates['by_kind'])}",
         f"leaked test {duplicates['leaked_test_images']:>8,}  (test images whose pixels are also in train)",
+        f"sha1 ids    {summary['ids']['sha1_mismatch']:>8,}  not the sha1 of their pixels (Kaggle ids are)",
         f"background: {summary['background']['rule']}",
     ])
 

@@ -59,6 +59,7 @@ device_option = click.option("--device", type=click.Choice(DEVICES), default="au
 @device_option
 @_opt(TrainConfig, "--seed", int, "Seed for init, order, augmentation, dropout.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt, mid-epoch if it was saved mid-epoch.")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in OUT (default: refuse).")
 @_opt(TrainConfig, "--patience", click.IntRange(min=0), "Stop after N epochs without a better val AUC (0: never).")
 @format_option
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
@@ -68,7 +69,8 @@ device_option = click.option("--device", type=click.Choice(DEVICES), default="au
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA.")
 @_opt(TrainConfig, "--checkpoint-every", int, "Also save last.pt every N steps.")
-@_opt(TrainConfig, "--log-every", int, "Update the progress bar's loss every N steps (a GPU sync).")
+@_opt(TrainConfig, "--log-every", int, "Read the loss back for the progress bar every N steps (a GPU sync); "
+                                        "the image count moves every step.")
 @friendly_errors
 def train(compile_: bool, **flags: Any) -> None:
     """Train a classifier on built shards; writes checkpoints, metrics.json and figures to OUT.
@@ -107,8 +109,9 @@ class _EpochBar:
         if self.bar is None or event.epoch != self.epoch:
             self.close()
             self.epoch = event.epoch
-            self.bar = tqdm(desc=f"epoch {event.epoch + 1}/{self.epochs}", unit="img", unit_scale=True,
-                            disable=None, file=sys.stderr, leave=False, dynamic_ncols=True)
+            self.bar = tqdm(desc=f"epoch {event.epoch + 1}/{self.epochs}", total=event.total or None, unit="img",
+                            unit_scale=True, disable=None, file=sys.stderr, leave=False, dynamic_ncols=True,
+                            mininterval=0.2)
         self.bar.update(event.images - self.bar.n)
         if event.loss is not None:
             self.bar.set_postfix(loss=f"{event.loss:.4f}", refresh=False)
@@ -161,7 +164,10 @@ def predict(tta: str, **flags: Any) -> None:
     result = run_predict(config, progress=bars)
     bars.close()
     auc = "" if result.auc is None else f"; AUC {result.auc:.4f}"
-    click.echo(f"wrote {result.rows:,} rows to {result.out} in {result.seconds:.1f}s{auc}")
+    click.echo(f"wrote {result.rows + result.filled:,} rows to {result.out} in {result.seconds:.1f}s{auc}")
+    if result.filled:
+        click.echo(f"{result.filled:,} of them are ids the build rejected (no usable image): given the training "
+                   f"prior instead of a prediction; listed in {result.missing}", err=True)
 
 
 @click.group()

@@ -299,6 +299,7 @@ def summarise(manifest: dict[str, Any], saturation: dict[str, np.ndarray],
         "stats": {k: manifest["stats"][k] for k in ("mean", "std", "scale", "images")},
         "rejects": manifest["rejects"],
         "duplicates": manifest["duplicates"],
+        "ids": manifest.get("ids", {"sha1_mismatch": 0}),
         "background": background,
     }
 

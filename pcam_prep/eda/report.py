@@ -249,13 +249,21 @@ def plot_duplicates(duplicates: pd.DataFrame, layout: KaggleLayout, shape, path:
     """Pairs of kept | dropped, a few of each kind."""
     shown = duplicates.groupby("kind", sort=True).head(max(1, limit // 3)).head(limit)
     fig, axes = _tile_grid(2 * len(shown), 8, f"duplicates: {len(shown)} of {len(duplicates)} shown")
+    dropped_as = dict(zip(duplicates["dropped"], duplicates["kind"]))  # a kept copy can be dropped later (leakage)
     for pair, row in zip(axes.reshape(-1, 2), shown.itertuples()):
         kept_split = "test" if row.kind.endswith("train-test") else "train"  # dihedral-train-test too
         kept = source_tile(_source_path(layout, kept_split, row.kept), shape) if row.kept else "none kept"
-        _tile(pair[0], kept, f"kept ({kept_split})\n{row.kept[:10]}")
+        later = dropped_as.get(row.kept) if kept_split == "train" else None
+        title = f"kept, then dropped: {later}" if later else f"kept ({kept_split})"
+        _tile(pair[0], kept, f"{title}\n{_short_id(row.kept)}")
         _tile(pair[1], source_tile(_source_path(layout, "train", row.dropped), shape),
-              f"dropped: {row.kind}\n{row.dropped[:10]}")
+              f"dropped: {row.kind}\n{_short_id(row.dropped)}")
     return _save(fig, path)
+
+
+def _short_id(sample_id: str) -> str:
+    """A 40-character id on two lines of a tile title, whole: ids are how users find the file."""
+    return sample_id if len(sample_id) <= 20 else f"{sample_id[:20]}\n{sample_id[20:]}"
 
 
 def plot_rejects(rejects: pd.DataFrame, layout: KaggleLayout, shape, path: Path, limit: int = 12) -> Path:
@@ -312,7 +320,7 @@ _CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     """(name, value) lines of the html table: one per split, in the manifest's order."""
     background = summary["background"]
-    channels = zip("RGB", summary["stats"]["mean"], summary["stats"]["std"])
+    channels = zip("RGB", summary["stats"]["mean"] or [], summary["stats"]["std"] or [])  # null: no train image
     rows = [("image shape", " x ".join(map(str, summary["image_shape"])))]
     for name, split in summary["splits"].items():
         positives = f" ({split['positives']:,} positive, {_pct(split['positives'], split['count'])})" \

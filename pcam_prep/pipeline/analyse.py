@@ -80,6 +80,7 @@ def analyse(config: BuildConfig, executor: Executor, clock: Clock | None = None)
     groups, group_by = fold_groups(config, result.train)
     train = result.train
     train["fold"] = assign_folds(train, config.folds, config.seed, groups)
+    check_folds(train["fold"].to_numpy(), config.folds, groups is not None, config.allow_empty)
     splits = {"train": train.sort_values(["fold", "id"], kind="stable", ignore_index=True)}
     for spec in (s for s in inventory.specs if not s.folded):
         splits[spec.name] = result.kept[spec.name].sort_values("id", kind="stable", ignore_index=True)
@@ -94,6 +95,16 @@ def read_groups(path: Path) -> pd.Series:
     if not {"id", "group"} <= set(frame.columns):
         raise PcamPrepError(f"--groups {path}: expected columns id,group, found {list(frame.columns)}")
     return frame.drop_duplicates("id").set_index("id")["group"]
+
+
+def check_folds(folds: np.ndarray, k: int, grouped: bool, allow_empty: bool) -> None:
+    """Every fold gets images: --folds 20 over 15 images is refused, not written with 5 empty folds."""
+    empty = sorted(set(range(k)) - set(np.unique(folds).tolist()))
+    if empty and len(folds) and not allow_empty:
+        unit = "groups" if grouped else "train images"
+        raise PcamPrepError(f"--folds {k}: fold(s) {', '.join(map(str, empty))} would be empty with {len(folds)} "
+                            f"kept train images{' in fewer groups' if grouped else ''}; choose fewer folds "
+                            f"(at most the number of {unit})")
 
 
 def fold_groups(config: BuildConfig, train: pd.DataFrame) -> tuple[pd.Series | None, str | None]:
@@ -130,6 +141,7 @@ def inspect(executor: Executor, inventory: Inventory, shape: tuple[int, int, int
             "path": reader.locate(rows[bad], inventory.root),
             "reason": [r for r, b in zip(report.reasons, bad) if b],
             "detail": [d for d, b in zip(report.details, bad) if b],
+            "split": spec.name,
         }))
     frames = {s.name: _labels_int8(pd.concat(kept[s.name], ignore_index=True)) if kept[s.name] else _empty(s)
               for s in inventory.specs}

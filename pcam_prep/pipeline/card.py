@@ -72,7 +72,9 @@ def describe(config: BuildConfig, found: Analysis, files: list[dict]) -> dict[st
             "counts": [{"fold": int(f), "count": int(r["size"]), "positives": int(r["sum"]),
                         "negatives": int(r["size"] - r["sum"])} for f, r in per_fold.iterrows()],
         },
-        "stats": {"mean": moments.mean, "std": moments.std, "scale": "0-1", "images": len(train)},
+        # no train image (only with --allow-empty): null, never NaN, which is not JSON
+        "stats": {"mean": moments.mean if len(train) else None, "std": moments.std if len(train) else None,
+                  "scale": "0-1", "images": len(train)},
         "rejects": {"count": len(rejects), "by_reason": rejects["reason"].value_counts().sort_index().to_dict()},
         "duplicates": {"count": len(result.duplicates),
                        "by_kind": result.duplicates["kind"].value_counts().sort_index().to_dict(),

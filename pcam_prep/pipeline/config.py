@@ -41,6 +41,7 @@ class BuildConfig:
     keep_blank: bool = False  # keep all-black / all-white patches instead of rejecting them
     near_duplicates: bool = False  # also find flipped/rotated copies (one more read of every kept image)
     strict: bool = False  # exit non-zero when anything was rejected
+    allow_empty: bool = False  # write a build that keeps no train image (or no image of a split that had inputs)
     batch_size: int = 2048  # files per Dask task; thousands amortise the ~1 ms task cost
     workers: int | None = None  # local threads; default: one per core
     scheduler: str | None = None  # 'threads', 'processes', 'sync' or a tcp:// dask.distributed address
@@ -86,7 +87,10 @@ _PATH_FIELDS = {"src", "out", "labels", "test", "groups"}
 
 
 def load_toml(path: Path, section: str) -> dict[str, Any]:
-    """Read the `[section]` table of a run spec (relative paths stay relative to the CWD)."""
+    """Read the `[section]` table of a run spec; relative paths in it are relative to the spec file.
+
+    So `pcam-prep build --config pipelines/smoke.toml` means the same from any directory.
+    """
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -94,7 +98,11 @@ def load_toml(path: Path, section: str) -> dict[str, Any]:
         raise PcamPrepError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise PcamPrepError(f"config file {path} is not valid TOML: {exc}") from None
-    return dict(data.get(section, {}))
+    values = dict(data.get(section, {}))
+    for name in _PATH_FIELDS & values.keys():
+        if isinstance(values[name], str) and not Path(values[name]).expanduser().is_absolute():
+            values[name] = str(Path(path).parent / values[name])
+    return values
 
 
 def build_config(file_values: dict[str, Any], flags: dict[str, Any]) -> BuildConfig:

@@ -11,6 +11,7 @@ import importlib
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 import traceback
@@ -32,18 +33,31 @@ logger = logging.getLogger(__name__)
 LOCAL_SCHEDULERS = ("threads", "processes", "sync", "local")  # local: a dask.distributed LocalCluster of our own
 
 
-class _TaskCounter(Callback):
-    """Adds up the work units (e.g. images) of finished top-level tasks for the progress hook."""
+class _Tally:
+    """Work units (e.g. images) done per progress bar; a task counts towards its own bar's total."""
 
-    def __init__(self, stage: str, units: dict, progress: ProgressFn) -> None:
+    def __init__(self, bars: list[str], units: list[int], progress: ProgressFn) -> None:
+        self.progress, self.done, self.total = progress, dict.fromkeys(bars, 0), dict.fromkeys(bars, 0)
+        for bar, unit in zip(bars, units):
+            self.total[bar] += unit
+        for bar, total in self.total.items():
+            progress(bar, 0, total)
+
+    def finished(self, bar: str, unit: int) -> None:
+        self.done[bar] += unit
+        self.progress(bar, self.done[bar], self.total[bar])
+
+
+class _TaskCounter(Callback):
+    """Reports finished top-level tasks of a local dask run to a _Tally."""
+
+    def __init__(self, tasks: dict, tally: _Tally) -> None:
         super().__init__()
-        self.stage, self.units, self.progress, self.done = stage, units, progress, 0
-        self.total = sum(units.values())
+        self.tasks, self.tally = tasks, tally  # key -> (bar, units)
 
     def _posttask(self, key, result, dsk, state, worker_id) -> None:
-        if key in self.units:
-            self.done += self.units[key]
-            self.progress(self.stage, self.done, self.total)
+        if key in self.tasks:
+            self.tally.finished(*self.tasks[key])
 
 
 class Guarded:
@@ -91,6 +105,8 @@ def init_worker(preload: tuple[str, ...] = ()) -> None:
     two workers slower than one here.
     """
     keep_freed_memory()
+    if threading.current_thread() is threading.main_thread():  # dask.distributed runs this on a worker thread
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: no traceback per worker
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1)
@@ -152,44 +168,44 @@ class Executor(AbstractContextManager):
         return f"dask {self.scheduler} scheduler, {self.workers} worker(s)"
 
     def map(self, stage: str, calls: Sequence[tuple[Callable[..., Any], tuple]],
-            units: Sequence[int] | None = None) -> list[Any]:
+            units: Sequence[int] | None = None, bars: Sequence[str] | None = None) -> list[Any]:
         """Run `func(*args)` for each (func, args) in `calls` as one Dask task each; results in order.
 
-        `units` weighs each task for progress (e.g. its number of images); default 1 each.
+        `units` weighs each task for progress (e.g. its number of images; default 1 each), and
+        `bars` names the progress bar each task counts towards (default: `stage`), so tasks of
+        different outputs run together yet each output's bar counts its own images.
         Arguments must be plain data (paths, arrays, frozen dataclasses), never open handles.
         """
         if not calls:
             return []
         tasks = [dask.delayed(Guarded(stage, func), pure=False)(*args) for func, args in calls]
+        units = list(units) if units is not None else [1] * len(tasks)
+        bars = list(bars) if bars is not None else [stage] * len(tasks)
         start = time.perf_counter()
         try:
-            return self._run(stage, tasks, list(units) if units is not None else [1] * len(tasks))
+            return self._run(tasks, units, bars)
         finally:
             self.timings[stage] = round(time.perf_counter() - start, 4)
 
-    def _run(self, stage: str, tasks: Sequence[Any], units: list[int]) -> list[Any]:
-        report = self.progress or (lambda *_: None)
-        report(stage, 0, sum(units))
+    def _run(self, tasks: Sequence[Any], units: list[int], bars: list[str]) -> list[Any]:
+        tally = _Tally(bars, units, self.progress or (lambda *_: None))
         if self.client is not None:
-            return self._run_distributed(stage, tasks, units, report)
-        weights = {t.key: u for t, u in zip(tasks, units)}
+            return self._run_distributed(tasks, units, bars, tally)
         kwargs: dict[str, Any] = {"scheduler": self.scheduler}
         if self.pool is not None:
             kwargs["pool"] = self.pool
         elif self.scheduler == "threads":
             kwargs["num_workers"] = self.workers
-        with _TaskCounter(stage, weights, report):
+        with _TaskCounter({t.key: (b, u) for t, b, u in zip(tasks, bars, units)}, tally):
             return list(dask.compute(*tasks, **kwargs))
 
-    def _run_distributed(self, stage: str, tasks: Sequence[Any], units: list[int], report: ProgressFn) -> list[Any]:
+    def _run_distributed(self, tasks: Sequence[Any], units: list[int], bars: list[str], tally: _Tally) -> list[Any]:
         from dask.distributed import as_completed
 
         futures = self.client.compute(list(tasks))
-        weight = {f.key: u for f, u in zip(futures, units)}
-        done = 0
+        weight = {f.key: (b, u) for f, b, u in zip(futures, bars, units)}
         for future in as_completed(futures):
-            done += weight[future.key]
-            report(stage, done, sum(units))
+            tally.finished(*weight[future.key])
         return self.client.gather(futures)
 
 

@@ -10,6 +10,7 @@ plain functions and arguments.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import time
@@ -17,16 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import OutOfSpace, Refused, TaskFailed
+import pandas as pd
+
+from ..errors import OutOfSpace, PcamPrepError, Refused, TaskFailed
 from ..files import exclusive_folder, free_bytes, human_bytes, is_out_of_space, write_json_atomic
 from ..manifest import write_manifest
 from ..memory import release_freed_memory
 from ..schema import BUILD_LOG_NAME, MANIFEST_NAME, RUN_INFO_NAME
-from .analyse import Clock, analyse
+from .analyse import Analysis, Clock, analyse
 from .card import describe, describe_files, write_tables
 from .config import BuildConfig
 from .executor import Executor, ProgressFn
 from .write import remove_partials, space_needed, write_outputs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,7 @@ class BuildSummary:
     out: Path
     manifest: dict[str, Any]
     seconds: dict[str, float]
+    reused: tuple[int, int] = (0, 0)  # (shards kept from an earlier run, shards in the build)
 
 
 def build(config: BuildConfig, progress: ProgressFn | None = None) -> BuildSummary:
@@ -68,6 +74,7 @@ def _build(config: BuildConfig, out: Path, progress: ProgressFn | None) -> Build
     with Executor(config.scheduler, config.n_workers, progress, preload) as executor:
         found = analyse(config, executor, clock)
         release_freed_memory()
+        check_kept(found, config)
         need, free = space_needed(out, found, config), free_bytes(out)
         if config.space_check and need > free:
             raise Refused(f"need ~{human_bytes(need)} in {out}, {human_bytes(free)} free (pass --no-space-check to "
@@ -84,7 +91,42 @@ def _build(config: BuildConfig, out: Path, progress: ProgressFn | None) -> Build
     clock.lap("checksums")
     write_json_atomic(out / RUN_INFO_NAME, _run_info(config, executor, clock.laps))
     write_manifest(out, manifest)
-    return BuildSummary(out, manifest, clock.laps)
+    shards = [p for p in pieces if p.kind == "wds"]
+    return BuildSummary(out, manifest, clock.laps, (sum(p.reused for p in shards), len(shards)))
+
+
+def check_kept(found: Analysis, config: BuildConfig) -> None:
+    """Refuse a build that keeps no train image, or nothing of a split that had inputs (unless --allow-empty)."""
+    for spec in found.specs:
+        rejected = found.rejects[found.rejects["split"] == spec.name]
+        if len(found.splits[spec.name]) or (spec.name != "train" and rejected.empty):
+            continue
+        counts = rejected["reason"].value_counts()
+        why = ", ".join(f"{n} {reason}" for reason, n in counts.items()) or "no input files at all"
+        message = f"no {spec.name} image kept ({why}){empty_hint(spec.name, rejected, config)}"
+        if not config.allow_empty:
+            raise PcamPrepError(f"{message} (--allow-empty writes such a build anyway)")
+        logger.warning("%s: writing it anyway (--allow-empty)", message)
+
+
+def empty_hint(split: str, rejected: pd.DataFrame, config: BuildConfig) -> str:
+    """The likely wrong turn behind an empty split, as ' - did you mean ...?'."""
+    reasons = set(rejected["reason"])
+    src = config.src.resolve()
+    if src.name == "test" and (src.parent / "train").is_dir():
+        return f" - {config.src} looks like the test/ folder: did you mean --src {src.parent}?"
+    missing = rejected.loc[rejected["reason"] == "missing-file", "id"]
+    if len(missing) and missing.str.lower().str.endswith((".tif", ".tiff")).all():
+        return " - the labels CSV ids end in .tif: ids are file names without the extension"
+    if {"missing-file", "no-label"} <= reasons:
+        n_missing, n_unlabelled = (int((rejected["reason"] == r).sum()) for r in ("missing-file", "no-label"))
+        return (f" - {n_missing} labels rows have no file in {split}/ and {n_unlabelled} files have no label: is "
+                "--labels the train labels CSV (train_labels.csv, not sample_submission.csv)?")
+    if reasons == {"bad-shape"}:
+        sizes = rejected["detail"].str.extract(r"^(\d+x\d+)")[0].dropna()
+        seen = sizes.mode().iloc[0] if len(sizes) else "another size"
+        return f" - the images are {seen}, not {config.image_size}x{config.image_size}: pass --image-size to build them"
+    return ""
 
 
 def _prepare_out(out: Path) -> None:

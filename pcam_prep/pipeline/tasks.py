@@ -32,6 +32,7 @@ class PieceResult:
     count: int
     sha256: str | None  # None for pieces of a directory store
     digests: dict[str, str] | None = None  # store-relative path -> sha256 of the chunk files this piece wrote
+    reused: bool = False  # a finished shard of an earlier run, kept because its inputs are provably the same
 
 
 def write_wds_piece(
@@ -41,7 +42,7 @@ def write_wds_piece(
     plan = piece_plan(shape, ids, labels, sources)
     reused = wds.reuse_finished(Path(path), plan)
     if reused is not None:
-        return PieceResult("wds", split, path, reused.count, reused.sha256)
+        return PieceResult("wds", split, path, reused.count, reused.sha256, reused=True)
     layout = SampleLayout(tuple(shape), labels is not None)
     blocks = (
         (ids[start : start + len(images)], images, None if labels is None else labels[start : start + len(images)])

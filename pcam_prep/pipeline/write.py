@@ -66,8 +66,9 @@ def write_outputs(executor: Executor, out: Path, found: Analysis, config: BuildC
         hdf5_task = (write_hdf5_piece, (str(h5_tmp), str(out / HDF5_NAME), shape, config.chunk_rows, rows))
         tasks.insert(0, hdf5_task)  # the longest task first
         units.insert(0, sum(len(frame) for frame in frames.values()))
+    bars = ["hdf5"] * ("hdf5" in config.formats) + ["zarr"] * (len(tasks) - ("hdf5" in config.formats))
     tv_tasks, tv_units = _torchvision_tasks(out, found, rows, config.torchvision_names)
-    results = executor.map("arrays", tasks + tv_tasks, units + tv_units)
+    results = executor.map("arrays", tasks + tv_tasks, units + tv_units, bars + ["torchvision"] * len(tv_tasks))
     pieces += [piece for result in results for piece in (result if isinstance(result, tuple) else (result,))]
     if zarr_tmp is not None:
         arrays.finish_store(zarr_tmp, out / ZARR_NAME)

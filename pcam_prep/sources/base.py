@@ -18,7 +18,7 @@ import pandas as pd
 
 from ..schema import RowSource, SplitSpec
 
-REJECT_COLUMNS = ["id", "path", "reason", "detail"]
+REJECT_COLUMNS = ["id", "path", "reason", "detail", "split"]  # split: where the input was meant to go
 
 # Every reason a file can be rejected for, with the words rejects.csv users will read.
 REASONS = {
@@ -83,8 +83,8 @@ class Inventory:
         return self.splits.get("test", pd.DataFrame({"id": [], "path": []}))
 
 
-def reject_row(sample_id: str, path: Path | None, root: Path, reason: str, detail: str) -> dict:
+def reject_row(sample_id: str, path: Path | None, root: Path, reason: str, detail: str, split: str) -> dict:
     if reason not in REASONS:
         raise ValueError(f"unknown reject reason {reason!r}; add it to sources.base.REASONS (and the README)")
     rel = "" if path is None else os.path.relpath(path, root)
-    return {"id": sample_id, "path": rel, "reason": reason, "detail": detail}
+    return {"id": sample_id, "path": rel, "reason": reason, "detail": detail, "split": split}

@@ -108,7 +108,7 @@ class TiffDecoder:
         if not data:
             raise Reject("empty", "zero-byte file")
         if data[:4] not in _TIFF_MAGIC:
-            raise Reject("not-tiff", f"starts with {data[:4]!r}")
+            raise Reject("not-tiff", f"{_sniff(data)} (starts with {data[:4]!r})")
         with _TIFF_LOG.catching() as said:
             try:
                 with tifffile.TiffFile(io.BytesIO(data)) as tif:
@@ -155,6 +155,17 @@ class TiffDecoder:
         if image.shape != self.shape:
             raise Reject("bad-shape", f"decoded shape {image.shape}, expected {self.shape}")
         return image
+
+
+_MAGIC = ((b"\xff\xd8\xff", "a JPEG file"), (b"\x89PNG", "a PNG file"), (b"GIF8", "a GIF file"), (b"BM", "a BMP file"),
+          (b"\x89HDF", "an HDF5 file"), (b"PK\x03\x04", "a zip archive"), (b"%PDF", "a PDF file"))
+
+
+def _sniff(data: bytes) -> str:
+    """What a non-TIFF file most likely is, for the reject detail."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "a WebP file"
+    return next((name for magic, name in _MAGIC if data.startswith(magic)), "not a TIFF")
 
 
 def _with_log(reject: Reject, said: list[str]) -> Reject:

@@ -83,7 +83,10 @@ def resolve_layout(src: Path, labels: Path | None = None, test: Path | None = No
         root, train = src.parent, src
     labels = Path(labels) if labels else root / "train_labels.csv"
     if not labels.is_file():
-        raise PcamPrepError(f"labels CSV not found: {labels} (pass --labels)")
+        nested = sorted(p.parent for p in src.glob("*/train_labels.csv") if (p.parent / "train").is_dir())
+        hint = f"; the competition folder seems to be one level down: --src {nested[0]}" if nested else \
+            " (pass --labels, or point --src at the folder that holds train/ and train_labels.csv)"
+        raise PcamPrepError(f"labels CSV not found: {labels.resolve()}{hint}")
     if no_test:
         test_dir = None
     elif test is not None:
@@ -95,7 +98,7 @@ def resolve_layout(src: Path, labels: Path | None = None, test: Path | None = No
     return KaggleLayout(root, train, labels, test_dir)
 
 
-def list_images(folder: Path, root: Path) -> tuple[pd.DataFrame, list[dict]]:
+def list_images(folder: Path, root: Path, split: str) -> tuple[pd.DataFrame, list[dict]]:
     """Image files in `folder` (id = file stem); other entries become rejects, and links are never followed."""
     ids, paths, strays = [], [], []
     with os.scandir(folder) as entries:
@@ -105,10 +108,10 @@ def list_images(folder: Path, root: Path) -> tuple[pd.DataFrame, list[dict]]:
                 continue  # hidden folders (.ipynb_checkpoints, .git) are not data: ignored, like the OS does
             if not entry.is_file(follow_symlinks=False):  # a link could point anywhere: outside SRC included
                 kind = "symbolic link" if entry.is_symlink() else "folder" if entry.is_dir() else "special file"
-                strays.append(_reject(stem, Path(entry.path), root, "not-regular", f"{kind} {entry.name}"))
+                strays.append(_reject(stem, Path(entry.path), root, "not-regular", f"{kind} {entry.name}", split))
                 continue
             if suffix.lower() not in IMAGE_SUFFIXES or not is_safe_id(stem):
-                strays.append(_reject(stem, Path(entry.path), root, "stray-file", entry.name))
+                strays.append(_reject(stem, Path(entry.path), root, "stray-file", entry.name, split))
                 continue
             ids.append(stem)
             paths.append(entry.path)
@@ -130,27 +133,27 @@ def read_labels(path: Path) -> pd.DataFrame:
 
 def scan(layout: KaggleLayout) -> Inventory:
     """Match files to labels; every file or row that can't be a sample becomes a reject."""
-    files, rejects = list_images(layout.train, layout.root)
+    files, rejects = list_images(layout.train, layout.root, "train")
     labels = read_labels(layout.labels)
     unsafe = ~labels["id"].map(is_safe_id)
-    rejects += [_reject(i, None, layout.root, "bad-id", f"id {i!r}") for i in labels.loc[unsafe, "id"]]
+    rejects += [_reject(i, None, layout.root, "bad-id", f"id {i!r}", "train") for i in labels.loc[unsafe, "id"]]
     labels = labels[~unsafe]
     dup_rows = labels.duplicated("id", keep=False)
     conflicting = labels[dup_rows].groupby("id")["label"].nunique().loc[lambda s: s > 1].index
     labels = labels.drop_duplicates("id")
     merged = files.merge(labels, on="id", how="outer", indicator="match", sort=True)
-    listed = {r["id"] for r in rejects if r["reason"] == "not-regular"}  # already rejected as what they are
+    listed = {r["id"] for r in rejects if r["reason"] in ("not-regular", "stray-file")}  # rejected as what they are
     for row in merged[(merged["match"] == "right_only") & ~merged["id"].isin(listed)].itertuples():
-        rejects.append(_reject(row.id, None, layout.root, "missing-file", f"{row.id}.tif not in {layout.train.name}/"))
+        rejects.append(_reject(row.id, None, layout.root, "missing-file", f"{row.id}.tif not in {layout.train.name}/", "train"))
     present = merged[merged["match"] != "right_only"]
     bad = present["match"].eq("left_only") | ~present["label"].isin(["0", "1"]) | present["id"].isin(conflicting)
     for row in present[bad].itertuples():
         reason, detail = _label_problem(row, conflicting)
-        rejects.append(_reject(row.id, Path(row.path), layout.root, reason, detail))
+        rejects.append(_reject(row.id, Path(row.path), layout.root, reason, detail, "train"))
     train = present[~bad][["id", "path", "label"]].astype({"label": "int8"}).reset_index(drop=True)
     test = pd.DataFrame({"id": [], "path": []})
     if layout.test is not None:
-        test, strays = list_images(layout.test, layout.root)
+        test, strays = list_images(layout.test, layout.root, "test")
         rejects += strays
     frame = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
     logger.info("scanned %d train and %d test files, %d rejected", len(train), len(test), len(frame))

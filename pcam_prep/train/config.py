@@ -31,6 +31,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     seed: int = 0  # model init, batch order, augmentation and dropout all follow from it
     resume: bool = False  # continue from OUT/last.pt (model, optimiser, schedule, step, RNG state)
+    overwrite: bool = False  # replace a run already in OUT instead of refusing
     patience: int = 5  # stop after this many epochs without a better val AUC; 0: never stop early
     format: str = "wds"  # which built copy to read: wds | zarr | hdf5
     workers: int = 0  # DataLoader worker processes; 0 reads in-process (memory-mapped: the fastest)

@@ -80,9 +80,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 def fold_sources(shards: Path, val_fold: int, fmt: str, world: int = 1) -> tuple[Source, Source]:
     """(train, validation) rows of a built folder: fold `val_fold` validates, every other fold trains."""
     k = read_manifest(shards)["folds"]["k"]
-    if not 0 <= val_fold < k or k < 2:
-        raise PcamPrepError(f"val_fold {val_fold} does not exist or leaves nothing to train on: {shards} has {k} "
-                            "fold(s)")
+    if k < 2:
+        raise PcamPrepError(f"{shards} was built with --folds {k}: training holds one fold out for validation, "
+                            "so it needs at least 2; rebuild with --folds 5")
+    if not 0 <= val_fold < k:
+        raise PcamPrepError(f"--val-fold {val_fold} does not exist: {shards} has folds 0..{k - 1}")
     train = open_source(shards, "train", [f for f in range(k) if f != val_fold], fmt)
     val = open_source(shards, "train", [val_fold], fmt)
     if len(train) < world or not len(val):

@@ -35,6 +35,7 @@ from ..errors import PcamPrepError
 from ..files import tmp_path, write_json_atomic
 from ..loader import BatchLoader
 from ..manifest import read_manifest
+from ..memory import release_freed_memory
 from .augment import augment
 from .config import TrainConfig, jsonable
 from .data import (
@@ -63,8 +64,9 @@ class Progress:
     step: int  # steps of the epoch done
     steps: int  # steps in the epoch
     images: int  # images trained this epoch, over all ranks (approximate under DDP)
-    loss: float | None  # running mean train loss of the epoch
+    loss: float | None  # running mean train loss of the epoch, when it was read back this step (a GPU sync)
     record: dict[str, Any] | None = None  # the finished epoch's metrics, on its last report
+    total: int = 0  # images in the epoch, over all ranks: the progress bar's total
 
 
 @dataclass
@@ -112,6 +114,8 @@ def train(config: TrainConfig, progress: Callable[[Progress], None] | None = Non
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank == 0:
+        check_run_folder(config)
     run = None
     try:
         with deferred_interrupt() as interrupted:
@@ -128,12 +132,25 @@ def train(config: TrainConfig, progress: Callable[[Progress], None] | None = Non
     except KeyboardInterrupt:
         if run is not None and rank == 0:
             save_last(run)  # `--resume` continues from this very step
-            logger.warning("interrupted: saved %s at epoch %d step %d", config.out / "last.pt", run.state.epoch,
-                           run.state.step)
+            where = (f"epoch {run.state.epoch + 1}/{config.epochs}, step {run.state.step} of {run.steps}"
+                     if run.state.step else f"after epoch {run.state.epoch}/{config.epochs}")
+            raise KeyboardInterrupt(f"interrupted: saved {config.out / 'last.pt'} ({where}); rerun the same "
+                                    "command with --resume to continue") from None
         raise
     finally:
         if world > 1:
             torch_dist.destroy_process_group()
+
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.json")
+
+
+def check_run_folder(config: TrainConfig) -> None:
+    """Never train over an earlier run by accident: continue it (--resume) or replace it (--overwrite)."""
+    found = [name for name in RUN_FILES if (config.out / name).exists()]
+    if found and not (config.resume or config.overwrite):
+        raise PcamPrepError(f"{config.out} already holds a run ({', '.join(found)}): pass --resume to continue it, "
+                            "--overwrite to replace it, or choose another --out")
 
 
 @contextlib.contextmanager
@@ -181,7 +198,8 @@ def setup(config: TrainConfig, rank: int, world: int, device: torch.device) -> R
     return Run(
         config, rank, world, device, model, wrap(model, config, world, device), optimizer, scheduler,
         BatchLoader(train_source, config.batch_size, seed=config.seed, rank=rank, world_size=world),
-        BatchLoader(val_source, 2 * config.batch_size, shuffle=False, rank=rank, world_size=world),
+        # validation at the training batch size: its blocks fit the holes training leaves in the heap
+        BatchLoader(val_source, config.batch_size, shuffle=False, rank=rank, world_size=world),
         ResidentSplit(train_source, device) if resident else None, Normalise(stats["mean"], stats["std"], device),
         steps, state, torch.zeros((), device=device))
 
@@ -216,6 +234,11 @@ def run_epoch(run: Run, epoch: int, progress: Callable[[Progress], None] | None,
     start = time.perf_counter()
     trained = train_epoch(run, epoch, progress, interrupted)
     index, logits = evaluate(run)
+    if run.device.type == "cpu":
+        # CPU malloc keeps freed blocks for reuse (keep_freed_memory_on_cpu); after the epoch's two
+        # phases its heap is fragmented and the next step would map ~1-2 GB more. Trimming here,
+        # once an epoch, kept peak RSS at one training step's working set (README: training memory).
+        release_freed_memory()
     labels, probs = run.val_loader.source.labels[index], sigmoid(logits)
     record = {"epoch": epoch + 1, "train_loss": trained["loss"], "val_loss": bce_with_logits(labels, logits),
               "val_auc": roc_auc(labels, probs), "val_acc": accuracy(labels, probs),
@@ -231,7 +254,8 @@ def run_epoch(run: Run, epoch: int, progress: Callable[[Progress], None] | None,
     if run.rank == 0:
         write_epoch(run, record, improved, run.val_loader.source.ids[index], labels, probs)
     if progress is not None:
-        progress(Progress(epoch, run.steps, run.steps, trained["images"], record["train_loss"], record))
+        progress(Progress(epoch, run.steps, run.steps, trained["images"], record["train_loss"], record,
+                          total=len(run.loader.source)))
     logger.info("epoch %d: %s", epoch, record)
     return record
 
@@ -248,6 +272,9 @@ def train_epoch(run: Run, epoch: int, progress: Callable[[Progress], None] | Non
     run.loader.set_epoch(epoch, start_step=state.step)
     run.net.train()
     images, wait, start = 0, 0.0, time.perf_counter()
+    total = len(run.loader.source)
+    if progress is not None:  # the bar shows from the first second, before the first batch arrives
+        progress(Progress(epoch, state.step, run.steps, state.seen * run.world, None, total=total))
     with contextlib.closing(epoch_batches(run)) as batches:
         for step in range(state.step, run.steps):
             if interrupted is not None and interrupted.is_set():
@@ -257,11 +284,13 @@ def train_epoch(run: Run, epoch: int, progress: Callable[[Progress], None] | Non
             wait += time.perf_counter() - waited
             run.pending_loss += train_step(run, batch, epoch, step) * len(batch.index)
             images, state.seen, state.step = images + len(batch.index), state.seen + len(batch.index), step + 1
+            loss = None
             if state.step % config.log_every == 0 or state.step == run.steps:
-                flush_loss(run)
-                if progress is not None:
-                    progress(Progress(epoch, state.step, run.steps, state.seen * run.world,
-                                      state.loss_sum / max(1, state.seen)))
+                flush_loss(run)  # reading the loss back syncs the GPU: only every log_every steps
+                loss = state.loss_sum / max(1, state.seen)
+            if progress is not None:  # every step: the image count needs no sync
+                progress(Progress(epoch, state.step, run.steps, min(total, state.seen * run.world), loss,
+                                  total=total))
             if state.step % config.checkpoint_every == 0 and run.rank == 0:
                 save_last(run)
     flush_loss(run)

@@ -17,7 +17,9 @@ from torch import nn
 from ..errors import PcamPrepError
 from ..files import tmp_path
 from ..loader import BatchLoader, open_source
+from ..manifest import read_manifest
 from ..progress import Counter, ProgressFn
+from ..schema import REJECTS_NAME
 from .augment import dihedral
 from .config import PredictConfig
 from .data import Normalise, keep_freed_memory_on_cpu, resolve_device, stream_batches
@@ -33,6 +35,8 @@ class PredictResult:
     rows: int  # images scored
     auc: float | None  # for split=val; None for the test split
     seconds: float
+    filled: int = 0  # ids the build saw but rejected, given the training prior (listed in `missing`)
+    missing: Path | None = None  # the side file listing them: id,reason,label
 
 
 def load_checkpoint(path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
@@ -43,7 +47,10 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[nn.Module, dict[s
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem
-        raise PcamPrepError(f"{path} is not a pcam-prep checkpoint: {exc}") from None
+        raise PcamPrepError(f"{path} is not a pcam-prep checkpoint (torch.load refused it: {type(exc).__name__}); "
+                            "use best.pt or last.pt from `pcam-prep train`") from None
+    if not isinstance(ckpt, dict):
+        raise PcamPrepError(f"{path} is not a pcam-prep checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
     missing = {"model", "arch", "width", "mean", "std", "config"} - set(ckpt)
     if missing:
         raise PcamPrepError(f"{path} is not a pcam-prep checkpoint (missing {', '.join(sorted(missing))})")
@@ -103,7 +110,42 @@ def predict(config: PredictConfig, progress: ProgressFn | None = None) -> Predic
     loader = BatchLoader(source, config.batch_size, shuffle=False)
     index, probs = predict_probs(model, loader, norm, device, config.tta, progress)
     labels = None if source.labels is None else source.labels[index]
-    write_predictions(config.out, source.ids[index], labels, probs)
+    ids, filled, missing = source.ids[index], 0, None
+    if labels is None:  # a submission: every id the build saw gets a row, scored or not
+        rejected = rejected_ids(config.shards, split)
+        if rejected:
+            ids, probs, missing = fill_rejected(config, ids, probs, rejected)
+            filled = len(rejected)
+    write_predictions(config.out, ids, labels, probs)
     auc = None if labels is None else roc_auc(labels, probs)
     logger.info("scored %d %s images (tta %d): %s", len(index), config.split, config.tta, config.out)
-    return PredictResult(Path(config.out), len(index), auc, time.perf_counter() - start)
+    return PredictResult(Path(config.out), len(index), auc, time.perf_counter() - start, filled, missing)
+
+
+def rejected_ids(shards: Path, split: str) -> dict[str, str]:
+    """id -> reason of the `split` inputs the build rejected (stray non-image files are not ids)."""
+    path = Path(shards) / REJECTS_NAME
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return {r["id"]: r["reason"] for r in rows if r.get("split") == split and r["reason"] != "stray-file" and r["id"]}
+
+
+def fill_rejected(config: PredictConfig, ids: np.ndarray, probs: np.ndarray,
+                  rejected: dict[str, str]) -> tuple[np.ndarray, np.ndarray, Path]:
+    """Add the rejected ids with the training prior (share of positives), sorted by id; list them in a side file."""
+    train = read_manifest(config.shards)["splits"]["train"]
+    prior = train["positives"] / train["count"] if train["count"] else 0.5
+    extra = sorted(set(rejected) - set(ids))
+    all_ids = np.concatenate([ids, np.array(extra, dtype=ids.dtype if len(ids) else object)])
+    all_probs = np.concatenate([probs, np.full(len(extra), prior, np.float32)])
+    order = np.argsort(all_ids.astype(str), kind="stable")
+    side = Path(config.out).with_suffix(".missing.csv")
+    tmp = tmp_path(side)
+    with open(tmp, "w", newline="") as fh:
+        out = csv.writer(fh, lineterminator="\n")
+        out.writerow(("id", "reason", "label"))
+        out.writerows((i, rejected[i], f"{prior:.6f}") for i in extra)
+    os.replace(tmp, side)
+    return all_ids[order], all_probs[order], side
