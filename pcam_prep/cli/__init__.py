@@ -230,9 +230,10 @@ def _counts(counts: dict[str, int]) -> str:
 
 # Commands that live in their own modules (they import Bars/friendly_errors from here).
 from .stats import stats
+from .sweep import sweep
 from .train import bench, predict, train
 
-for command in (stats, train, predict, bench):
+for command in (stats, train, predict, bench, sweep):
     main.add_command(command)
 add_verbose_option(main)  # `pcam-prep build -v` works as well as `pcam-prep -v build`
 

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from ..loader import FORMATS
-from ..train.config import ARCHS, DEVICES, PredictConfig, TrainConfig
+from ..train.config import ARCHS, DEVICES, OPTIMIZERS, PredictConfig, TrainConfig
 from .common import Bars, friendly_errors
 
 
@@ -48,7 +48,8 @@ device_option = click.option("--device", type=click.Choice(DEVICES), default="au
       "Run folder for checkpoints, metrics.json, figures.")
 @_opt(TrainConfig, "--val-fold", int, "Validation fold; the others train.")
 @_opt(TrainConfig, "--epochs", int, "Total epochs; with --resume, more than before stretches the cosine schedule.")
-@_opt(TrainConfig, "--arch", click.Choice(ARCHS), "small: 3-block CNN; resnet: ResNet-18-like.")
+@_opt(TrainConfig, "--arch", str, f"{' | '.join(ARCHS)}: built in (3-block CNN, ResNet-18-like); timm:NAME: any timm "
+      "model, e.g. timm:resnet18, timm:efficientnet_b0 (extra `timm`).")
 @click.option("--width", type=int, help="First-stage channels  [default: small 32, resnet 64]")
 @_opt(TrainConfig, "--batch-size", int, "Images per step per process.")
 @_opt(TrainConfig, "--lr", float, "Peak learning rate (warmup, then cosine).")
@@ -69,6 +70,15 @@ device_option = click.option("--device", type=click.Choice(DEVICES), default="au
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA.")
 @_opt(TrainConfig, "--checkpoint-every", int, "Also save last.pt every N steps.")
+@_opt(TrainConfig, "--input-size", int, "timm models: resize to N x N on the device, after augmentation.")
+@click.option("--init", type=click.Path(dir_okay=False, path_type=Path),
+              help="Start from local weights: a timm/torchvision state_dict (.pth/.bin/.safetensors) or a "
+                   "pcam-prep checkpoint; a classifier head of another shape is re-initialised.")
+@click.option("--pretrained", is_flag=True, help="timm models: download timm's hub weights (needs network).")
+@click.option("--freeze-backbone", is_flag=True, help="Train only the head: a linear probe on a frozen encoder.")
+@click.option("--unfreeze-after", type=int, help="With --freeze-backbone: train everything from epoch E+1 on.")
+@click.option("--lr-backbone", type=float, help="Peak learning rate of the backbone  [default: --lr]")
+@_opt(TrainConfig, "--optimizer", click.Choice(OPTIMIZERS), "adamw, or sgd with Nesterov momentum 0.9.")
 @_opt(TrainConfig, "--log-every", int, "Read the loss back for the progress bar every N steps (a GPU sync); "
                                         "the image count moves every step.")
 @friendly_errors
@@ -84,6 +94,8 @@ def train(compile_: bool, **flags: Any) -> None:
       pcam-prep train --shards shards/ --out runs/small --epochs 10
       pcam-prep train --shards shards/ --out runs/small --epochs 12 --resume
       torchrun --nproc_per_node 4 -m pcam_prep train --shards shards/ --arch resnet
+      pcam-prep train --shards shards/ --arch timm:resnet18 --init resnet18.safetensors --lr-backbone 2e-4
+      pcam-prep train --shards shards/ --arch timm:resnet18 --init resnet18.pth --freeze-backbone --unfreeze-after 2
     """
     from ..train.loop import train as run_train
 

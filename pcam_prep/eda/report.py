@@ -43,6 +43,8 @@ CAPTIONS = {
     "run_curves": "Training curves: loss, validation AUC and accuracy per epoch.",
     "run_roc": "Validation ROC curve.",
     "run_confusion": "Validation confusion matrix.",
+    "run_sweep": "Sweep: each trial's best validation AUC against each searched parameter (blue complete, orange "
+                 "pruned), and the parameter importances Optuna computed.",
 }
 
 
@@ -280,6 +282,8 @@ def add_run(run: Path, out: Path) -> tuple[list[Path], list[str]]:
     """Copy the trainer's figures into `out`, re-drawing missing ones from its data with the trainer's own plots."""
     from ..train import plots
 
+    if (run / "trials.csv").is_file():
+        return add_sweep(run, out)
     figures, notes = [], []
     for name in RUN_FIGURES:
         target = out / f"run_{name}.png"
@@ -297,6 +301,20 @@ def add_run(run: Path, out: Path) -> tuple[list[Path], list[str]]:
             continue
         figures.append(target)
     return figures, notes
+
+
+def add_sweep(sweep: Path, out: Path) -> tuple[list[Path], list[str]]:
+    """A `pcam-prep sweep` folder: its trials figure, then the best trial's run figures."""
+    from ..train.sweep_plots import plot_trials
+
+    rows = pd.read_csv(sweep / "trials.csv").replace({np.nan: None}).to_dict("records")
+    best = json.loads((sweep / "best.json").read_text()) if (sweep / "best.json").is_file() else None
+    figures = [plot_trials(rows, best.get("importances") if best else None, out / "run_sweep.png")]
+    if best is None:
+        return figures, [f"Sweep {sweep}: {len(rows)} trials, none complete yet."]
+    run_figures, notes = add_run(sweep / best["run"], out)
+    return figures + run_figures, [f"Sweep {sweep}: {len(rows)} trials; best trial {best['trial']} (val AUC "
+                                   f"{best['best_val_auc']:.4f}), whose run figures follow."] + notes
 
 
 def render_html(summary: dict[str, Any], figures: list[tuple[str, str]], notes: list[str]) -> str:

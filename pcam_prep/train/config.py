@@ -11,6 +11,9 @@ from ..errors import PcamPrepError
 from ..loader import FORMATS
 
 ARCHS = ("small", "resnet")
+TIMM_PREFIX = "timm:"  # --arch timm:NAME builds timm.create_model(NAME) (extra `timm`)
+OPTIMIZERS = ("adamw", "sgd")
+MIN_INPUT_SIZE = 32
 DEVICES = ("auto", "cpu", "cuda")
 TTA_CHOICES = (1, 2, 4, 8)
 
@@ -40,9 +43,18 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     checkpoint_every: int = 500  # also save last.pt every N steps mid-epoch (and on Ctrl-C)
     log_every: int = 20  # read the loss back for the progress bar every N steps (a GPU sync)
+    input_size: int = 96  # timm models only: resize on the device (bilinear, after augmentation) to N x N
+    init: Path | None = None  # start from these weights: a state_dict (.pth/.bin/.safetensors) or a checkpoint
+    pretrained: bool = False  # timm models only: download timm's hub weights (needs network)
+    freeze_backbone: bool = False  # train only the head (a linear probe: frozen encoder, BN statistics kept)
+    unfreeze_after: int | None = None  # with freeze_backbone: train everything from this epoch on
+    lr_backbone: float | None = None  # peak learning rate of everything but the head; None: lr
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9, Nesterov); neither decays norms and biases
 
     def __post_init__(self) -> None:
-        _check_choice("arch", self.arch, ARCHS)
+        check_arch(self.arch)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        self._check_transfer()
         _check_choice("device", self.device, DEVICES)
         _check_choice("format", self.format, FORMATS)
         _check_positive(epochs=self.epochs, batch_size=self.batch_size, checkpoint_every=self.checkpoint_every,
@@ -61,8 +73,35 @@ class TrainConfig:
             raise PcamPrepError(f"--resident keeps the data on the device, so --workers {self.workers} has nothing "
                                 "to do: pass one or the other")
 
+    def _check_transfer(self) -> None:
+        timm = self.arch.startswith(TIMM_PREFIX)
+        if isinstance(self.input_size, bool) or not isinstance(self.input_size, int) or \
+                self.input_size < MIN_INPUT_SIZE:
+            raise PcamPrepError(f"input_size must be an integer >= {MIN_INPUT_SIZE}, got {self.input_size!r}")
+        if self.input_size != 96 and not timm:
+            raise PcamPrepError(f"--input-size {self.input_size} only applies to timm models; {self.arch} is built "
+                                "for 96x96")
+        if self.pretrained and not timm:
+            raise PcamPrepError(f"--pretrained asks timm for weights; {self.arch} is not a timm model")
+        if self.pretrained and self.init is not None:
+            raise PcamPrepError(f"pass --pretrained or --init {self.init}, not both")
+        if self.unfreeze_after is not None:
+            _check_positive(unfreeze_after=self.unfreeze_after)
+            if not self.freeze_backbone:
+                raise PcamPrepError(f"--unfreeze-after {self.unfreeze_after} needs --freeze-backbone")
+        if self.lr_backbone is not None and not self.lr_backbone > 0:
+            raise PcamPrepError(f"lr_backbone must be > 0, got {self.lr_backbone!r}")
+        if self.width is not None and timm:
+            raise PcamPrepError(f"--width only applies to small and resnet; {self.arch} has its own widths")
+
     def as_dict(self) -> dict[str, Any]:
         return jsonable(self)
+
+
+def check_arch(arch: Any) -> None:
+    """small, resnet or timm:NAME (whether NAME exists is checked when the model is built)."""
+    if not isinstance(arch, str) or not (arch in ARCHS or (arch.startswith(TIMM_PREFIX) and arch[len(TIMM_PREFIX):])):
+        raise PcamPrepError(f"arch must be one of {', '.join(ARCHS)} or {TIMM_PREFIX}NAME; got {arch!r}")
 
 
 @dataclass(frozen=True)

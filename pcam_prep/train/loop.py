@@ -37,6 +37,7 @@ from ..loader import BatchLoader
 from ..manifest import read_manifest
 from ..memory import release_freed_memory
 from .augment import augment
+from .backbones import build_network, freeze_norms, frozen_at, load_init, param_groups, set_frozen
 from .config import TrainConfig, jsonable
 from .data import (
     DeviceBatch,
@@ -49,7 +50,7 @@ from .data import (
     stream_batches,
 )
 from .metrics import accuracy, bce_with_logits, roc_auc, sigmoid
-from .models import DEFAULT_WIDTHS, build_model
+from .models import DEFAULT_WIDTHS
 from .plots import plot_confusion, plot_curves, plot_roc
 from .predict import write_predictions
 
@@ -184,13 +185,16 @@ def setup(config: TrainConfig, rank: int, world: int, device: torch.device) -> R
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # each CPU rank on this host holds its own copy
     resident = config.resident if config.resident is not None else (
         not config.workers and resident_fits(nbytes, device, copies=local_ranks))
-    config = dataclasses.replace(config, device=device.type, width=config.width or DEFAULT_WIDTHS[config.arch],
+    config = dataclasses.replace(config, device=device.type, width=config.width or DEFAULT_WIDTHS.get(config.arch),
                                  resident=resident)  # resolved: saved with metrics and checkpoints
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    model = build_model(config.arch, config.width).to(device, memory_format=torch.channels_last)
+    model = build_network(config.arch, config.width, config.input_size, config.pretrained and not config.resume)
+    if config.init is not None and not config.resume:
+        load_init(model, config.init)  # before the move: the file's tensors are on the CPU
+    model = model.to(device, memory_format=torch.channels_last)
     steps = len(BatchLoader(train_source, config.batch_size, rank=0, world_size=world))  # rank 0 has the most
     optimizer, scheduler = make_optimizer(model, config, steps * config.epochs)
     state = restore(config, model, optimizer, scheduler, device, world) if config.resume else RunState()
@@ -205,11 +209,16 @@ def setup(config: TrainConfig, rank: int, world: int, device: torch.device) -> R
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW (no weight decay on biases and norm scales) with a per-step warmup + cosine schedule."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    rest = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=config.device == "cuda")
+    """AdamW or SGD (no weight decay on biases and norm scales) with a per-step warmup + cosine schedule.
+
+    Backbone and head are separate groups (`lr_backbone`); frozen parameters get no gradient,
+    so the optimiser skips them until they are unfrozen.
+    """
+    groups = param_groups(model, config)
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=config.device == "cuda")
     schedule = functools.partial(lr_factor, total=total_steps, warmup=config.warmup)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
@@ -270,7 +279,10 @@ def train_epoch(run: Run, epoch: int, progress: Callable[[Progress], None] | Non
     """
     state, config = run.state, run.config
     run.loader.set_epoch(epoch, start_step=state.step)
+    if set_frozen(run.model, frozen_at(config, epoch)) and (run.world > 1 or config.compile):
+        run.net = wrap(run.model, config, run.world, run.device)  # DDP and compile fix the trainable set
     run.net.train()
+    freeze_norms(run.model)
     images, wait, start = 0, 0.0, time.perf_counter()
     total = len(run.loader.source)
     if progress is not None:  # the bar shows from the first second, before the first batch arrives
@@ -411,7 +423,7 @@ def _save(ckpt: dict[str, Any], path: Any) -> None:
     os.replace(tmp, path)  # a crash mid-save never leaves a torn checkpoint
 
 
-RESUME_FIXED = ("arch", "width", "val_fold", "batch_size", "seed", "world")
+RESUME_FIXED = ("arch", "width", "val_fold", "batch_size", "seed", "world", "input_size")
 
 
 def restore(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -423,7 +435,7 @@ def restore(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimi
     if "optimizer" not in ckpt:
         raise PcamPrepError(f"--resume: {path} holds no optimiser state (resume from a last.pt written by train)")
     # settings that decide what `step` means, or which rows train: they must not change mid-run
-    saved = {**ckpt["config"], "width": ckpt["width"], "world": ckpt.get("world", 1)}
+    saved = {"input_size": 96, **ckpt["config"], "width": ckpt["width"], "world": ckpt.get("world", 1)}
     now = {**jsonable(config), "world": world}
     changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_FIXED if saved.get(k) != now[k]]
     if changed:

@@ -24,7 +24,7 @@ from .augment import dihedral
 from .config import PredictConfig
 from .data import Normalise, keep_freed_memory_on_cpu, resolve_device, stream_batches
 from .metrics import roc_auc
-from .models import build_model
+from .backbones import build_network
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[nn.Module, dict[s
     missing = {"model", "arch", "width", "mean", "std", "config"} - set(ckpt)
     if missing:
         raise PcamPrepError(f"{path} is not a pcam-prep checkpoint (missing {', '.join(sorted(missing))})")
-    model = build_model(ckpt["arch"], ckpt["width"]).to(device, memory_format=torch.channels_last)
+    model = build_network(ckpt["arch"], ckpt["width"], ckpt["config"].get("input_size", 96))
+    model = model.to(device, memory_format=torch.channels_last)
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt
 
