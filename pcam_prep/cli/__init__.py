@@ -216,10 +216,11 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 # Commands that live in their own modules (they import Bars/friendly_errors from here).
+from .cv import cv
 from .stats import stats
 from .train import bench, predict, train
 
-for command in (stats, train, predict, bench):
+for command in (stats, train, predict, bench, cv):
     main.add_command(command)
 
 if __name__ == "__main__":  # pragma: no cover
