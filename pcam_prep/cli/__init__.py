@@ -51,8 +51,11 @@ def main(verbose: int) -> None:
               help="kaggle: train/ and test/ .tif folders; pcam-h5: PatchCamelyon's camelyonpatch_*.h5 files.")
 @click.option("--size", type=click.IntRange(min=32), default=96, show_default=True, help="Patch height and width.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed; same seed, same bytes.")
+@click.option("--label-noise", type=click.FloatRange(0, 0.5), default=0.0, show_default=True,
+              help="Share of train labels to flip (kaggle layout); the flipped ids go to OUT/label_noise.csv.")
 @friendly_errors
-def synth(out: Path, n_train: int, n_test: int, n_valid: int | None, layout: str, size: int, seed: int) -> None:
+def synth(out: Path, n_train: int, n_test: int, n_valid: int | None, layout: str, size: int, seed: int,
+          label_noise: float) -> None:
     """Write a synthetic dataset in the exact Kaggle (or PCam HDF5) layout and file format.
 
     OUT gets train/<id>.tif, test/<id>.tif, train_labels.csv and sample_submission.csv.
@@ -67,7 +70,10 @@ def synth(out: Path, n_train: int, n_test: int, n_valid: int | None, layout: str
     Example:
       pcam-prep synth data/demo --train 2000 --test 500 --seed 1
       pcam-prep synth data/pcam --layout pcam-h5 --train 2000 --valid 500 --test 500
+      pcam-prep synth data/noisy --train 2000 --test 500 --label-noise 0.02
     """
+    if layout == "pcam-h5" and label_noise:
+        raise click.UsageError("--label-noise is for the kaggle layout (its label_noise.csv names ids)")
     if layout == "pcam-h5":
         _synth_pcam(out, n_train, n_test if n_valid is None else n_valid, n_test, size, seed)
         return
@@ -76,9 +82,11 @@ def synth(out: Path, n_train: int, n_test: int, n_valid: int | None, layout: str
     from ..synth import write_kaggle
 
     bars = Bars("file")
-    summary = write_kaggle(out, n_train, n_test, size=size, seed=seed, progress=bars)
+    summary = write_kaggle(out, n_train, n_test, size=size, seed=seed, label_noise=label_noise, progress=bars)
     bars.close()
     click.echo(f"wrote {summary.n_train} train ({summary.positives} positive) and {summary.n_test} test patches to {out}")
+    if summary.flipped:
+        click.echo(f"flipped {summary.flipped} train label(s) on purpose: {out / 'label_noise.csv'}")
 
 
 def _synth_pcam(out: Path, n_train: int, n_valid: int, n_test: int, size: int, seed: int) -> None:
