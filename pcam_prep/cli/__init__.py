@@ -122,6 +122,9 @@ def _split_formats(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--folds", type=int, help="Number of stratified folds  [default: 5]")
 @click.option("--groups", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="id,group CSV (e.g. slide ids): stratified *group* k-fold  [PCam default: the meta CSV's wsi]")
+@click.option("--exclude", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CSV with an id column (e.g. a cv run's label_review.csv, trimmed to the confirmed rows): "
+                   "train ids to leave out; recorded in the manifest.")
 @click.option("--seed", type=int, help="Fold-assignment seed  [default: 0]")
 @click.option("--shard-size", type=int, help="Samples per WebDataset shard  [default: 5000]")
 @click.option("--chunk-rows", type=int, help="Images per Zarr/HDF5 chunk  [default: 256]")
