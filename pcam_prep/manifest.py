@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import PcamPrepError
-from .files import build_in_progress, write_json_atomic
+from .files import build_in_progress, sha256_file, write_json_atomic
 from .schema import MANIFEST_NAME
 
 MANIFEST_VERSION = 1
@@ -56,3 +56,11 @@ def read_manifest(out: Path) -> dict[str, Any]:
     return manifest
 
 
+
+
+def manifest_digest(out: Path) -> str:
+    """sha256 of OUT's manifest.json: names one build exactly (a checkpoint records the build it trained on)."""
+    path = Path(out) / MANIFEST_NAME
+    if not path.is_file():
+        read_manifest(out)  # raises the usual "not a finished build" error
+    return sha256_file(path)

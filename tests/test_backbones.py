@@ -24,8 +24,15 @@ from pcam_prep.pipeline import build
 from pcam_prep.pipeline.config import BuildConfig
 from pcam_prep.schema import centre_window
 from pcam_prep.synth import write_kaggle
-from pcam_prep.train.backbones import (TimmNet, build_network, frozen_at, head_names, load_init, read_weights,
-                                       split_parameters)
+from pcam_prep.train.backbones import (
+    TimmNet,
+    build_network,
+    frozen_at,
+    head_names,
+    load_init,
+    read_weights,
+    split_parameters,
+)
 from pcam_prep.train.config import TrainConfig
 from pcam_prep.train.data import Normalise
 from pcam_prep.train.loop import train

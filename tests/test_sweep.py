@@ -12,8 +12,7 @@ from click.testing import CliRunner
 from pcam_prep import PcamPrepError
 from pcam_prep.cli import main
 from pcam_prep.train import sweep as sweep_module
-from pcam_prep.train.space import default_space, load_space, parse_space
-from pcam_prep.train.space import SweepConfig
+from pcam_prep.train.space import SweepConfig, default_space, load_space, parse_space
 from pcam_prep.train.sweep import objective, sweep
 
 optuna = pytest.importorskip("optuna")

@@ -48,8 +48,11 @@ def main(verbose: int) -> None:
               help="kaggle: train/ and test/ .tif folders; pcam-h5: PatchCamelyon's camelyonpatch_*.h5 files.")
 @click.option("--size", type=click.IntRange(min=32), default=96, show_default=True, help="Patch height and width.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed; same seed, same bytes.")
+@click.option("--label-noise", type=click.FloatRange(0, 0.5), default=0.0, show_default=True,
+              help="Share of train labels to flip (kaggle layout); the flipped ids go to OUT/label_noise.csv.")
 @friendly_errors
-def synth(out: Path, n_train: int, n_test: int, n_valid: int | None, layout: str, size: int, seed: int) -> None:
+def synth(out: Path, n_train: int, n_test: int, n_valid: int | None, layout: str, size: int, seed: int,
+          label_noise: float) -> None:
     """Write a synthetic dataset in the exact Kaggle (or PCam HDF5) layout and file format.
 
     OUT gets train/<id>.tif, test/<id>.tif, train_labels.csv and sample_submission.csv.
@@ -64,7 +67,10 @@ def synth(out: Path, n_train: int, n_test: int, n_valid: int | None, layout: str
     Example:
       pcam-prep synth data/demo --train 2000 --test 500 --seed 1
       pcam-prep synth data/pcam --layout pcam-h5 --train 2000 --valid 500 --test 500
+      pcam-prep synth data/noisy --train 2000 --test 500 --label-noise 0.02
     """
+    if layout == "pcam-h5" and label_noise:
+        raise click.UsageError("--label-noise is for the kaggle layout (its label_noise.csv names ids)")
     if layout == "pcam-h5":
         _synth_pcam(out, n_train, n_test if n_valid is None else n_valid, n_test, size, seed)
         return
@@ -73,9 +79,11 @@ def synth(out: Path, n_train: int, n_test: int, n_valid: int | None, layout: str
     from ..synth import write_kaggle
 
     bars = Bars("file")
-    summary = write_kaggle(out, n_train, n_test, size=size, seed=seed, progress=bars)
+    summary = write_kaggle(out, n_train, n_test, size=size, seed=seed, label_noise=label_noise, progress=bars)
     bars.close()
     click.echo(f"wrote {summary.n_train} train ({summary.positives} positive) and {summary.n_test} test patches to {out}")
+    if summary.flipped:
+        click.echo(f"flipped {summary.flipped} train label(s) on purpose: {out / 'label_noise.csv'}")
 
 
 def _synth_pcam(out: Path, n_train: int, n_valid: int, n_test: int, size: int, seed: int) -> None:
@@ -112,6 +120,9 @@ def _split_formats(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--folds", type=int, help="Number of stratified folds  [default: 5]")
 @click.option("--groups", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="id,group CSV (e.g. slide ids): stratified *group* k-fold  [PCam default: the meta CSV's wsi]")
+@click.option("--exclude", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CSV with an id column (e.g. a cv run's label_review.csv, trimmed to the confirmed rows): "
+                   "train ids to leave out; recorded in the manifest.")
 @click.option("--seed", type=int, help="Fold-assignment seed  [default: 0]")
 @click.option("--shard-size", type=int, help="Samples per WebDataset shard  [default: 5000]")
 @click.option("--chunk-rows", type=int, help="Images per Zarr/HDF5 chunk  [default: 256]")
@@ -229,11 +240,12 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 # Commands that live in their own modules (they import Bars/friendly_errors from here).
+from .cv import cv
 from .stats import stats
 from .sweep import sweep
 from .train import bench, predict, train
 
-for command in (stats, train, predict, bench, sweep):
+for command in (stats, train, predict, bench, sweep, cv):
     main.add_command(command)
 add_verbose_option(main)  # `pcam-prep build -v` works as well as `pcam-prep -v build`
 

@@ -143,9 +143,11 @@ class _EpochBar:
 
 @click.command()
 @shards_option
-@click.option("--checkpoint", default=_default(TrainConfig, "out") / "best.pt", show_default=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="best.pt or last.pt from `pcam-prep train`.")
+@click.option("--checkpoint", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="best.pt or last.pt from `pcam-prep train`; repeat it to average several models  "
+                   f"[default: {_default(TrainConfig, 'out') / 'best.pt'}]")
+@click.option("--run", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A `pcam-prep cv` run folder: average its fold models (the fold ensemble).")
 @_opt(PredictConfig, "--out", click.Path(dir_okay=False, path_type=Path), "CSV to write.")
 @click.option("--tta", type=click.Choice(["1", "2", "4", "8"]), default="1", show_default=True,
               help="Average over this many dihedral views.")
@@ -162,12 +164,14 @@ def predict(tta: str, **flags: Any) -> None:
 
     label is the predicted probability of tumour in the centre 32x32. With --split val the
     rows of a labelled train fold are scored instead, the CSV is id,label,prob, and the AUC
-    is printed.
+    is printed. Several --checkpoint options, or --run with a cv run folder, average the
+    models' probabilities (TTA inside each model).
 
     \b
     Example:
       pcam-prep predict --shards shards/ --checkpoint runs/small/best.pt --out submission.csv --tta 8
       pcam-prep predict --shards shards/ --checkpoint runs/small/best.pt --split val --fold 0 --out val.csv
+      pcam-prep predict --shards shards/ --run runs/cv --tta 8 --out submission.csv
     """
     from ..train.predict import predict as run_predict
 

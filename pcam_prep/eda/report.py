@@ -24,6 +24,7 @@ from ..sources.decode import Reject, read_file
 from ..sources.kaggle import KaggleLayout
 from ..sources.validate import decoder_for
 from .collect import Eda
+from .cv_report import CV_CAPTIONS, add_cv_run, is_cv_run
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ CAPTIONS = {
     "run_confusion": "Validation confusion matrix.",
     "run_sweep": "Sweep: each trial's best validation AUC against each searched parameter (blue complete, orange "
                  "pruned), and the parameter importances Optuna computed.",
+    **CV_CAPTIONS,
 }
 
 
@@ -60,12 +62,17 @@ def write_report(eda: Eda, out: Path, run: Path | None = None) -> Path:
                 plot_saturation(eda, out / "background_saturation.png")]
     galleries, notes = gallery_figures(eda, out)
     figures += galleries
-    if run is not None:
+    extra = ""
+    if run is not None and is_cv_run(Path(run)):
+        cv_figures, cv_notes, extra = add_cv_run(Path(run), out, Path(eda.summary["target"]), eda.summary["kind"])
+        figures += cv_figures
+        notes += [f"Cross-validation figures from {run}."] + cv_notes
+    elif run is not None:
         run_figures, run_notes = add_run(Path(run), out)
         figures += run_figures
         notes += [f"Run figures from {run}."] + run_notes
     index = out / "index.html"
-    index.write_text(render_html(eda.summary, [(p.name, CAPTIONS[p.stem]) for p in figures], notes))
+    index.write_text(render_html(eda.summary, [(p.name, CAPTIONS[p.stem]) for p in figures], notes, extra))
     logger.info("wrote %d figures and %s", len(figures), index)
     return index
 
@@ -317,7 +324,7 @@ def add_sweep(sweep: Path, out: Path) -> tuple[list[Path], list[str]]:
                                    f"{best['best_val_auc']:.4f}), whose run figures follow."] + notes
 
 
-def render_html(summary: dict[str, Any], figures: list[tuple[str, str]], notes: list[str]) -> str:
+def render_html(summary: dict[str, Any], figures: list[tuple[str, str]], notes: list[str], extra: str = "") -> str:
     """A self-contained page: title, stats table, figures (relative links) with captions, notes."""
     esc = html.escape
     rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in summary_rows(summary))
@@ -326,7 +333,7 @@ def render_html(summary: dict[str, Any], figures: list[tuple[str, str]], notes: 
     items = "".join(f"<li>{esc(n)}</li>" for n in notes)
     return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>pcam-prep stats</title>\n<style>{_CSS}"
             f"</style></head><body>\n<h1>pcam-prep stats</h1>\n<p>{esc(summary['target'])} ({esc(summary['kind'])}, "
-            f"read from {esc(summary['source'])})</p>\n<table>{rows}</table>\n{body}"
+            f"read from {esc(summary['source'])})</p>\n<table>{rows}</table>\n{extra}{body}"
             + (f"<h2>Notes</h2><ul>{items}</ul>\n" if notes else "") + "</body></html>\n")
 
 

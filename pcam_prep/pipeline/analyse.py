@@ -27,6 +27,7 @@ from ..sources import scan_source
 from ..sources.base import REJECT_COLUMNS, Inventory, RowReader
 from .config import BuildConfig
 from .dedup import Dedup, dedup, dedup_dihedral, dihedral_digests
+from .exclude import apply_exclude
 from .executor import Executor
 from .folds import assign_folds
 from .tasks import BLOCK_ROWS
@@ -49,6 +50,7 @@ class Analysis:
     reader: RowReader  # how the write stage reads the kept rows again
     layout: str = "kaggle"  # the source layout: kaggle | pcam-h5
     group_by: str | None = None  # what grouped the folds: "csv" (--groups), "wsi" (PCam meta CSV) or None
+    excluded: dict | None = None  # --exclude: train ids left out on purpose (count, listed, file, sha256)
 
     @property
     def train(self) -> pd.DataFrame:
@@ -76,6 +78,7 @@ def analyse(config: BuildConfig, executor: Executor, clock: Clock | None = None)
         result = dedup_dihedral(result, dihedral_stage(executor, result, inventory.reader, shape, config),
                                 inventory.specs)
         clock.lap("dihedral")
+    result, excluded = apply_exclude(result, config.exclude)
     moments = kept_moments(moments, inventory.reader, result.dropped, shape)
     groups, group_by = fold_groups(config, result.train)
     train = result.train
@@ -86,7 +89,7 @@ def analyse(config: BuildConfig, executor: Executor, clock: Clock | None = None)
         splits[spec.name] = result.kept[spec.name].sort_values("id", kind="stable", ignore_index=True)
     clock.lap("dedup+folds")
     return Analysis(splits, inventory.specs, rejects, result, moments, shape, inventory.reader, inventory.layout,
-                    group_by)
+                    group_by, excluded)
 
 
 def read_groups(path: Path) -> pd.Series:

@@ -80,6 +80,7 @@ def describe(config: BuildConfig, found: Analysis, files: list[dict]) -> dict[st
                        "by_kind": result.duplicates["kind"].value_counts().sort_index().to_dict(),
                        "leaked_test_images": result.leaked_test, "leaked_images": result.leaked},
         "ids": {"sha1_mismatch": int(mismatched)},
+        "excluded": found.excluded or {"count": 0, "listed": 0, "file": None, "sha256": None},
         "wds": {s: {"stride": l.stride, "pixel_offset": l.pixel_offset,
                     "label_offset": l.label_offset if l.labelled else None} for s, l in layouts.items()},
         "config": config.recorded(),

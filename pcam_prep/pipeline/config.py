@@ -32,6 +32,7 @@ class BuildConfig:
     formats: tuple[str, ...] = FORMATS  # any of wds, zarr, hdf5
     folds: int = 5  # stratified k-fold; 1 puts everything in fold 0
     groups: Path | None = None  # id,group CSV: stratified *group* k-fold (e.g. by slide)
+    exclude: Path | None = None  # CSV with an id column (e.g. cv's label_review.csv): train ids to leave out
     seed: int = 0  # fold assignment seed
     shard_size: int = 5000  # samples per WebDataset shard (~145 MB at 96x96)
     chunk_rows: int = 256  # images per Zarr/HDF5 chunk: one chunk ~ one training batch
@@ -83,7 +84,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-_PATH_FIELDS = {"src", "out", "labels", "test", "groups"}
+_PATH_FIELDS = {"src", "out", "labels", "test", "groups", "exclude"}
 
 
 def load_toml(path: Path, section: str) -> dict[str, Any]:

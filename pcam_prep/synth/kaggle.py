@@ -21,6 +21,7 @@ import tifffile
 from ..files import tmp_path
 from ..progress import Counter, ProgressFn
 from ..schema import centre_window
+from .noise import TRUTH_NAME, flip_rows, write_truth
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class SynthSummary:
     n_train: int
     n_test: int
     positives: int
+    flipped: int = 0  # train labels flipped on purpose (label_noise); listed in label_noise.csv
 
 
 def _gauss(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -241,18 +243,22 @@ def _write_csv(path: Path, rows: list[tuple[str, int]]) -> None:
 
 
 def write_kaggle(out: Path, n_train: int, n_test: int, *, size: int = 96, seed: int = 0,
-                 positive_fraction: float = 0.405, progress: ProgressFn | None = None) -> SynthSummary:
+                 positive_fraction: float = 0.405, label_noise: float = 0.0,
+                 progress: ProgressFn | None = None) -> SynthSummary:
     """Write a synthetic competition folder under `out`; the same arguments give byte-identical files.
 
     Writes train/<sha1>.tif, test/<sha1>.tif, train_labels.csv and sample_submission.csv (`id,label`, rows
     sorted by id, test labels all 0). round(n * positive_fraction) patches of each split are positive.
     Train does not depend on n_test. `progress("synth", done, total)` every 256 files and at the end.
+    `label_noise` flips that share of the train labels in train_labels.csv (the pixels keep their
+    true label) and lists them in label_noise.csv: ground truth for finding mislabelled patches.
     """
     for name, val in (("n_train", n_train), ("n_test", n_test), ("size", size)):
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < (32 if name == "size" else 0):
             raise ValueError(f"{name} must be an integer >= {32 if name == 'size' else 0}, got {val!r}")
     if not 0.0 <= positive_fraction <= 1.0:  # also rejects NaN
         raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction!r}")
+    flipped = flip_rows(n_train, label_noise, seed)  # checks label_noise before anything is written
     out = Path(out)
     logger.info("synthesising %d train + %d test patches (size %d, seed %d) into %s", n_train, n_test, size, seed, out)
     seen: set[str] = set()
@@ -285,9 +291,15 @@ def write_kaggle(out: Path, n_train: int, n_test: int, *, size: int = 96, seed: 
         stale = sum(1 for p in folder.glob("*.tif") if p.stem not in seen)
         if stale:
             logger.warning("%s holds %d .tif files from an earlier run that are not in this dataset", folder, stale)
+    truth = [(rows["train"][i][0], 1 - rows["train"][i][1], rows["train"][i][1]) for i in flipped.tolist()]
+    for i in flipped.tolist():
+        rows["train"][i] = (rows["train"][i][0], 1 - rows["train"][i][1])
+    (out / TRUTH_NAME).unlink(missing_ok=True)
+    if truth:
+        write_truth(out / TRUTH_NAME, truth)
     _write_csv(out / "train_labels.csv", rows["train"])
     _write_csv(out / "sample_submission.csv", [(i, 0) for i, _ in rows["test"]])
     if pending:
         counter.add(pending)
     logger.info("wrote %d train (%d positive) and %d test patches to %s", n_train, positives, n_test, out)
-    return SynthSummary(out=out, n_train=n_train, n_test=n_test, positives=positives)
+    return SynthSummary(out=out, n_train=n_train, n_test=n_test, positives=positives, flipped=len(truth))

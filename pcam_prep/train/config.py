@@ -107,7 +107,7 @@ def check_arch(arch: Any) -> None:
 @dataclass(frozen=True)
 class PredictConfig:
     shards: Path  # built OUT folder to score
-    checkpoint: Path  # best.pt or last.pt written by `train`
+    checkpoint: Path | tuple[Path, ...] = ()  # best.pt/last.pt of `train`; several: their probabilities averaged
     out: Path = Path("submission.csv")  # CSV: id,label (test) or id,label,prob (val)
     split: str = "test"  # test: Kaggle submission | val: a labelled train fold | any other built split (PCam valid)
     fold: int | None = None  # the fold scored with split=val; default: the checkpoint's val fold
@@ -115,8 +115,13 @@ class PredictConfig:
     format: str = "wds"  # which built copy to read: wds | zarr | hdf5
     device: str = "auto"  # auto: cuda when available, else cpu
     batch_size: int = 512  # images per forward pass
+    run: Path | None = None  # a `cv` run folder: ensemble every fold's best.pt (instead of checkpoint)
 
     def __post_init__(self) -> None:
+        if isinstance(self.checkpoint, (str, Path)):
+            object.__setattr__(self, "checkpoint", (Path(self.checkpoint),))  # one checkpoint or several
+        if self.run is not None and self.checkpoint:
+            raise PcamPrepError("pass --run (a cv run's fold models) or --checkpoint, not both")
         if not self.split or self.split == "train":
             raise PcamPrepError(f"split must be test, val (a train fold) or another built split; got {self.split!r}")
         _check_choice("device", self.device, DEVICES)

@@ -34,7 +34,7 @@ from torch import nn
 from ..errors import PcamPrepError
 from ..files import tmp_path, write_json_atomic
 from ..loader import BatchLoader
-from ..manifest import read_manifest
+from ..manifest import manifest_digest, read_manifest
 from ..memory import release_freed_memory
 from .augment import augment
 from .backbones import build_network, freeze_norms, frozen_at, load_init, param_groups, set_frozen
@@ -404,7 +404,8 @@ def write_epoch(run: Run, record: dict[str, Any], improved: bool, ids: np.ndarra
 def checkpoint(run: Run, epoch: int, full: bool) -> dict[str, Any]:
     config = run.config
     ckpt = {"model": run.model.state_dict(), "arch": config.arch, "width": config.width, "config": jsonable(config),
-            **run.norm.stats, "epoch": epoch, "world": run.world}
+            **run.norm.stats, "epoch": epoch, "world": run.world,
+            "manifest_sha256": manifest_digest(config.shards)}  # which build: `cv --collect` compares them
     if full:
         ckpt |= {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                  "state": dataclasses.asdict(run.state)}

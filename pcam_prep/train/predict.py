@@ -21,12 +21,15 @@ from ..manifest import read_manifest
 from ..progress import Counter, ProgressFn
 from ..schema import REJECTS_NAME
 from .augment import dihedral
+from .backbones import build_network
 from .config import PredictConfig
 from .data import Normalise, keep_freed_memory_on_cpu, resolve_device, stream_batches
 from .metrics import roc_auc
-from .backbones import build_network
+from .runs import run_checkpoints
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINT = Path("runs/train/best.pt")  # where `train` writes by default
 
 
 @dataclass(frozen=True)
@@ -96,20 +99,28 @@ def write_predictions(path: Path, ids: np.ndarray, labels: np.ndarray | None, pr
 
 
 def predict(config: PredictConfig, progress: ProgressFn | None = None) -> PredictResult:
-    """Score the test split (or a train fold) with a checkpoint and write the CSV; `progress("predict", done, total)`."""
+    """Score the test split (or a train fold) and write the CSV; `progress("predict", done, total)`.
+
+    Several checkpoints (or `run`, a cv run's fold models) form an ensemble: the mean of their
+    probabilities, each model with its own normalisation and the same TTA.
+    """
     start = time.perf_counter()
     device = resolve_device(config.device)
     if device.type == "cpu":
         keep_freed_memory_on_cpu()
-    model, ckpt = load_checkpoint(config.checkpoint, device)
-    fold = config.fold if config.fold is not None else ckpt["config"]["val_fold"]
-    split, folds = ("train", [fold]) if config.split == "val" else (config.split, None)  # open_source names bad ones
+    paths = resolve_checkpoints(config)
+    models = [load_checkpoint(path, device) for path in paths]
+    split, folds = scored_split(config, models[0][1], len(models))
     source = open_source(config.shards, split, folds, config.format)
     if not len(source):
         raise PcamPrepError(f"{config.shards} has no {config.split} images to score")
-    norm = Normalise(ckpt["mean"], ckpt["std"], device)  # the training normalisation, whatever these shards say
     loader = BatchLoader(source, config.batch_size, shuffle=False)
-    index, probs = predict_probs(model, loader, norm, device, config.tta, progress)
+    total, index = np.zeros(len(source)), None
+    for m, (model, ckpt) in enumerate(models):
+        norm = Normalise(ckpt["mean"], ckpt["std"], device)  # the training normalisation, whatever these shards say
+        index, probs = predict_probs(model, loader, norm, device, config.tta, _offset(progress, m, len(models)))
+        total[index] += probs
+    probs = (total[index] / len(models)).astype(np.float32)
     labels = None if source.labels is None else source.labels[index]
     ids, filled, missing = source.ids[index], 0, None
     if labels is None:  # a submission: every id the build saw gets a row, scored or not
@@ -119,7 +130,8 @@ def predict(config: PredictConfig, progress: ProgressFn | None = None) -> Predic
             filled = len(rejected)
     write_predictions(config.out, ids, labels, probs)
     auc = None if labels is None else roc_auc(labels, probs)
-    logger.info("scored %d %s images (tta %d): %s", len(index), config.split, config.tta, config.out)
+    logger.info("scored %d %s images with %d model(s) (tta %d): %s", len(index), config.split, len(models),
+                config.tta, config.out)
     return PredictResult(Path(config.out), len(index), auc, time.perf_counter() - start, filled, missing)
 
 
@@ -150,3 +162,28 @@ def fill_rejected(config: PredictConfig, ids: np.ndarray, probs: np.ndarray,
         out.writerows((i, rejected[i], f"{prior:.6f}") for i in extra)
     os.replace(tmp, side)
     return all_ids[order], all_probs[order], side
+
+
+def resolve_checkpoints(config: PredictConfig) -> list[Path]:
+    if config.run is not None:
+        return run_checkpoints(config.run)
+    return list(config.checkpoint) or [DEFAULT_CHECKPOINT]
+
+
+def scored_split(config: PredictConfig, ckpt: dict[str, Any], n_models: int) -> tuple[str, list[int] | None]:
+    """(split, folds) to open: --split val scores a train fold, by default the checkpoint's validation fold."""
+    if config.split != "val":
+        return config.split, None  # open_source names a split the build lacks
+    if config.fold is None and n_models > 1:
+        raise PcamPrepError("--split val with several models: pass --fold (each fold model validated on another one)")
+    if n_models > 1:
+        logger.warning("fold %d trained all but one of these %d models: its AUC is not an honest estimate "
+                       "(cv's oof.csv is)", config.fold, n_models)
+    return "train", [config.fold if config.fold is not None else ckpt["config"]["val_fold"]]
+
+
+def _offset(progress: ProgressFn | None, model: int, models: int) -> ProgressFn | None:
+    """One progress bar over every model's pass."""
+    if progress is None:
+        return None
+    return lambda stage, done, total: progress(stage, model * total + done, models * total)
