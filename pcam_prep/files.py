@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import errno
 import fcntl
 import hashlib
@@ -10,7 +11,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,18 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     tmp = tmp_path(path)
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
+
+
+def write_csv_atomic(path: Path, header: Iterable[Any], rows: Iterable[Iterable[Any]]) -> Path:
+    """A CSV (header, then rows; `\\n` line ends) written under its temporary name and renamed into place."""
+    path = Path(path)
+    tmp = tmp_path(path)
+    with open(tmp, "w", newline="") as fh:
+        out = csv.writer(fh, lineterminator="\n")
+        out.writerow(header)
+        out.writerows(rows)
+    os.replace(tmp, path)
+    return path
 
 
 def sha256_file(path: Path) -> str:

@@ -6,7 +6,6 @@ tumour pixel lies in the centre window (32:64 of 96). Files are named by the sha
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import logging
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from ..files import tmp_path
+from ..files import tmp_path, write_csv_atomic
 from ..progress import Counter, ProgressFn
 from ..schema import centre_window
 from .noise import TRUTH_NAME, flip_rows, write_truth
@@ -234,12 +233,7 @@ def _write_tif(folder: Path, img: np.ndarray, sample_id: str) -> None:
 
 
 def _write_csv(path: Path, rows: list[tuple[str, int]]) -> None:
-    tmp = tmp_path(path)
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(("id", "label"))
-        w.writerows(sorted(rows))
-    os.replace(tmp, path)
+    write_csv_atomic(path, ("id", "label"), sorted(rows))
 
 
 def write_kaggle(out: Path, n_train: int, n_test: int, *, size: int = 96, seed: int = 0,

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import csv
-import os
 from pathlib import Path
 
 import numpy as np
 
-from ..files import tmp_path
+from ..files import write_csv_atomic
 
 TRUTH_NAME = "label_noise.csv"  # id,given_label,true_label of every flipped train image
 _NOISE_STREAM = 0x4E015E  # the flips draw from their own stream: the same seed gives the same pixels with or without
@@ -24,10 +22,4 @@ def flip_rows(n: int, share: float, seed: int) -> np.ndarray:
 
 def write_truth(path: Path, rows: list[tuple[str, int, int]]) -> Path:
     """`id,given_label,true_label`, sorted by id."""
-    tmp = tmp_path(path)
-    with open(tmp, "w", newline="") as fh:
-        out = csv.writer(fh, lineterminator="\n")
-        out.writerow(("id", "given_label", "true_label"))
-        out.writerows(sorted(rows))
-    os.replace(tmp, path)
-    return path
+    return write_csv_atomic(path, ("id", "given_label", "true_label"), sorted(rows))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import PcamPrepError
-from ..files import tmp_path, write_json_atomic
+from ..files import write_csv_atomic, write_json_atomic
 from ..loader import BatchLoader, open_source
 from ..manifest import manifest_digest, read_manifest
 from .config import TTA_CHOICES, TrainConfig
@@ -129,13 +129,8 @@ def score_fold(config: CvConfig, fold: int, out: Path) -> tuple[float, int]:
 
 
 def write_oof(path: Path, ids: np.ndarray, labels: np.ndarray, folds: np.ndarray, probs: np.ndarray) -> Path:
-    tmp = tmp_path(path)
-    with open(tmp, "w", newline="") as fh:
-        out = csv.writer(fh, lineterminator="\n")
-        out.writerow(OOF_COLUMNS)
-        out.writerows((i, int(y), int(f), f"{p:.6f}") for i, y, f, p in zip(ids, labels, folds, probs))
-    os.replace(tmp, path)
-    return path
+    return write_csv_atomic(path, OOF_COLUMNS,
+                            ((i, int(y), int(f), f"{p:.6f}") for i, y, f, p in zip(ids, labels, folds, probs)))
 
 
 def read_oof(path: Path) -> dict[str, np.ndarray]:
@@ -206,13 +201,9 @@ def summarise(results: dict[int, dict[str, Any]], oof: dict[str, np.ndarray], re
 def write_review(path: Path, oof: dict[str, np.ndarray]) -> int:
     """label_review.csv: the confident-learning suspects, most suspect first. Returns how many."""
     found = find_suspects(oof["label"], oof["prob"])
-    tmp = tmp_path(path)
-    with open(tmp, "w", newline="") as fh:
-        out = csv.writer(fh, lineterminator="\n")
-        out.writerow(("rank", "id", "label", "fold", "prob", "margin"))
-        out.writerows((rank, oof["id"][r], int(oof["label"][r]), int(oof["fold"][r]), f"{oof['prob'][r]:.6f}",
-                       f"{m:.6f}") for rank, (r, m) in enumerate(zip(found.rows, found.margin), start=1))
-    os.replace(tmp, path)
+    write_csv_atomic(path, ("rank", "id", "label", "fold", "prob", "margin"),
+                     ((rank, oof["id"][r], int(oof["label"][r]), int(oof["fold"][r]), f"{oof['prob'][r]:.6f}",
+                       f"{m:.6f}") for rank, (r, m) in enumerate(zip(found.rows, found.margin), start=1)))
     return len(found.rows)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import PcamPrepError
-from ..files import tmp_path
+from ..files import write_csv_atomic
 from ..loader import BatchLoader, open_source
 from ..manifest import read_manifest
 from ..progress import Counter, ProgressFn
@@ -85,17 +84,10 @@ def write_predictions(path: Path, ids: np.ndarray, labels: np.ndarray | None, pr
     """`id,label` with label = probability (Kaggle), or `id,label,prob` when true labels are given."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    with open(tmp, "w", newline="") as fh:
-        out = csv.writer(fh, lineterminator="\n")
-        if labels is None:
-            out.writerow(("id", "label"))
-            out.writerows((i, f"{p:.6f}") for i, p in zip(ids, probs))
-        else:
-            out.writerow(("id", "label", "prob"))
-            out.writerows((i, int(y), f"{p:.6f}") for i, y, p in zip(ids, labels, probs))
-    os.replace(tmp, path)
-    return path
+    if labels is None:
+        return write_csv_atomic(path, ("id", "label"), ((i, f"{p:.6f}") for i, p in zip(ids, probs)))
+    return write_csv_atomic(path, ("id", "label", "prob"),
+                            ((i, int(y), f"{p:.6f}") for i, y, p in zip(ids, labels, probs)))
 
 
 def predict(config: PredictConfig, progress: ProgressFn | None = None) -> PredictResult:
@@ -154,13 +146,8 @@ def fill_rejected(config: PredictConfig, ids: np.ndarray, probs: np.ndarray,
     all_ids = np.concatenate([ids, np.array(extra, dtype=ids.dtype if len(ids) else object)])
     all_probs = np.concatenate([probs, np.full(len(extra), prior, np.float32)])
     order = np.argsort(all_ids.astype(str), kind="stable")
-    side = Path(config.out).with_suffix(".missing.csv")
-    tmp = tmp_path(side)
-    with open(tmp, "w", newline="") as fh:
-        out = csv.writer(fh, lineterminator="\n")
-        out.writerow(("id", "reason", "label"))
-        out.writerows((i, rejected[i], f"{prior:.6f}") for i in extra)
-    os.replace(tmp, side)
+    side = write_csv_atomic(Path(config.out).with_suffix(".missing.csv"), ("id", "reason", "label"),
+                            ((i, rejected[i], f"{prior:.6f}") for i in extra))
     return all_ids[order], all_probs[order], side
 
 

@@ -12,7 +12,6 @@ trial and its checkpoint, plus parameter importances once Optuna can compute the
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import logging
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PcamPrepError
-from ..files import tmp_path, write_json_atomic
+from ..files import write_csv_atomic, write_json_atomic
 from ..manifest import read_manifest
 from .config import TrainConfig
 from .loop import Progress, train
@@ -197,12 +196,8 @@ def write_tables(optuna: Any, study: Any, out: Path) -> list[dict[str, Any]]:
     """Rewrite OUT/trials.csv and OUT/best.json from the study (every machine's trials); returns the rows."""
     rows = trial_rows(optuna, study)
     columns = list(dict.fromkeys([*TRIAL_COLUMNS, *(k for r in rows for k in r)]))
-    tmp = tmp_path(out / "trials.csv")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({k: "" if r.get(k) is None else r.get(k) for k in columns} for r in rows)
-    tmp.replace(out / "trials.csv")
+    write_csv_atomic(out / "trials.csv", columns, (["" if r.get(k) is None else r.get(k) for k in columns]
+                                                    for r in rows))
     best = best_summary(optuna, study, out)
     if best is not None:
         write_json_atomic(out / "best.json", best)
