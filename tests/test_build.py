@@ -193,3 +193,27 @@ def test_rebuild_removes_stale_shards(kaggle_src: Path, tmp_path: Path) -> None:
     build(BuildConfig(src=kaggle_src, out=out, formats=("wds",), shard_size=1000, workers=1))
     listed = {f["path"] for f in manifest(out)["files"] if f["format"] == "wds"}
     assert {f"wds/{p.name}" for p in (out / "wds").glob("*.tar")} == listed
+
+
+@pytest.mark.parametrize("near", [False, True])
+def test_copies_inside_test_are_kept_and_reported_once(tmp_path: Path, near: bool) -> None:
+    from click.testing import CliRunner
+
+    from pcam_prep.cli import main
+    from pcam_prep.synth import write_kaggle
+
+    write_kaggle(tmp_path / "src", 20, 6, seed=4)
+    test = tmp_path / "src" / "test"
+    original = sorted(test.glob("*.tif"))[0]
+    for n, codec in enumerate(("zlib", "lzw")):  # re-saved copies: other TIFF bytes, the same pixels
+        tifffile.imwrite(test / f"{'c' * 39}{n}.tif", tifffile.imread(original), photometric="rgb", compression=codec)
+    args = ["build", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--formats", "wds", "--folds", "2"]
+    result = CliRunner().invoke(main, args + (["--near-duplicates"] if near else []))
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(tmp_path / "out" / "duplicates.csv")))
+    first, *others = sorted([original.stem, *(f"{'c' * 39}{n}" for n in range(2))])  # the smallest id is kept
+    assert sorted((r["kept"], r["dropped"], r["kind"]) for r in rows) == [(first, o, "test-duplicate") for o in others]
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["splits"]["test"]["count"] == 8  # every id stays: the submission needs them
+    assert m["duplicates"]["count"] == 0 and m["duplicates"]["kept_copies"] == 2
+    assert "kept copies 2" in result.output

@@ -218,6 +218,8 @@ def format_build_summary(manifest: dict[str, Any], seconds: dict[str, float], ou
     lines += [
         f"  rejected {manifest['rejects']['count']:,}  {_counts(manifest['rejects']['by_reason'])}",
         f"  duplicates dropped {manifest['duplicates']['count']:,}  {_counts(manifest['duplicates']['by_kind'])}",
+        *([f"  kept copies {manifest['duplicates']['kept_copies']:,}  (held-out images whose pixels repeat in "
+           "their split: every id stays, see duplicates.csv)"] if manifest["duplicates"].get("kept_copies") else []),
         "  mean " + _values(manifest["stats"]["mean"]) + "   std " + _values(manifest["stats"]["std"]),
         f"  files {len(manifest['files'])}: " + ", ".join(sorted({f['format'] for f in manifest['files']})),
     ]

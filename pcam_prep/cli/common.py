@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +49,7 @@ def friendly_errors(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except KeyboardInterrupt as exc:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the rest of the shutdown is not interrupted again
             message = str(exc) or INTERRUPTED.get(func.__name__, "interrupted")
             click.echo(f"\n{message}", err=True)
             raise click.exceptions.Exit(130) from None

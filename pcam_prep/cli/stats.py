@@ -104,6 +104,7 @@ def _problems(summary: dict[str, Any]) -> str:
         f"rejects     {rejects['count']:>8,}  {_counts(rejects['by_reason'])}",
         f"duplicates  {duplicates['count']:>8,}  {_counts(duplicates['by_kind'])}",
         f"leaked test {duplicates['leaked_test_images']:>8,}  (test images whose pixels are also in train)",
+        f"kept copies {duplicates.get('kept_copies', 0):>8,}  (held-out images repeating another's pixels; kept)",
         f"sha1 ids    {summary['ids']['sha1_mismatch']:>8,}  not the sha1 of their pixels (Kaggle ids are)",
         f"background: {summary['background']['rule']}",
     ])

@@ -19,6 +19,7 @@ import pandas as pd
 
 from ..figures import figure as _figure
 from ..figures import save as _save
+from ..pipeline.dedup import is_kept_kind
 from ..schema import centre_window
 from ..sources.decode import Reject, read_file
 from ..sources.kaggle import KaggleLayout
@@ -260,13 +261,15 @@ def plot_duplicates(duplicates: pd.DataFrame, layout: KaggleLayout, shape, path:
     fig, axes = _tile_grid(2 * len(shown), 8, f"duplicates: {len(shown)} of {len(duplicates)} shown")
     dropped_as = dict(zip(duplicates["dropped"], duplicates["kind"]))  # a kept copy can be dropped later (leakage)
     for pair, row in zip(axes.reshape(-1, 2), shown.itertuples()):
-        kept_split = "test" if row.kind.endswith("train-test") else "train"  # dihedral-train-test too
+        copy_split = "test" if row.kind.endswith("test-duplicate") else "train"  # where the second copy is
+        kept_split = "test" if row.kind.endswith(("train-test", "test-duplicate")) else "train"  # dihedral-* too
         kept = source_tile(_source_path(layout, kept_split, row.kept), shape) if row.kept else "none kept"
         later = dropped_as.get(row.kept) if kept_split == "train" else None
         title = f"kept, then dropped: {later}" if later else f"kept ({kept_split})"
         _tile(pair[0], kept, f"{title}\n{_short_id(row.kept)}")
-        _tile(pair[1], source_tile(_source_path(layout, "train", row.dropped), shape),
-              f"dropped: {row.kind}\n{_short_id(row.dropped)}")
+        second = f"also kept: {row.kind}" if is_kept_kind(row.kind) else f"dropped: {row.kind}"
+        _tile(pair[1], source_tile(_source_path(layout, copy_split, row.dropped), shape),
+              f"{second}\n{_short_id(row.dropped)}")
     return _save(fig, path)
 
 

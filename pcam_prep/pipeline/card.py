@@ -14,6 +14,7 @@ from ..manifest import file_entry
 from ..schema import DUPLICATES_NAME, REJECTS_NAME, ZARR_NAME, SampleLayout, SplitSpec
 from .analyse import Analysis
 from .config import BuildConfig
+from .dedup import is_kept_kind
 from .tasks import PieceResult
 
 _PACKAGES = ("pcam-prep", "numpy", "tifffile", "zarr", "h5py", "webdataset", "pandas", "dask")
@@ -62,6 +63,7 @@ def describe(config: BuildConfig, found: Analysis, files: list[dict]) -> dict[st
     per_fold = train.groupby("fold")["label"].agg(["size", "sum"]).reindex(range(config.folds), fill_value=0)
     mismatched = sum(int((frame["digest"] != frame["id"]).sum()) for frame in found.splits.values())
     layouts = {spec.name: SampleLayout(shape, spec.labelled) for spec in found.specs}
+    kept_copies = result.duplicates["kind"].map(is_kept_kind).astype(bool)
     return {
         "image_shape": list(shape),
         "dtype": "uint8",
@@ -76,8 +78,9 @@ def describe(config: BuildConfig, found: Analysis, files: list[dict]) -> dict[st
         "stats": {"mean": moments.mean if len(train) else None, "std": moments.std if len(train) else None,
                   "scale": "0-1", "images": len(train)},
         "rejects": {"count": len(rejects), "by_reason": rejects["reason"].value_counts().sort_index().to_dict()},
-        "duplicates": {"count": len(result.duplicates),
+        "duplicates": {"count": int((~kept_copies).sum()),  # rows dropped; copies inside held-out splits stay
                        "by_kind": result.duplicates["kind"].value_counts().sort_index().to_dict(),
+                       "kept_copies": int(kept_copies.sum()),
                        "leaked_test_images": result.leaked_test, "leaked_images": result.leaked},
         "ids": {"sha1_mismatch": int(mismatched)},
         "excluded": found.excluded or {"count": 0, "listed": 0, "file": None, "sha256": None},

@@ -5,7 +5,9 @@ equal, as PCam's sha1 ids are); copies whose labels disagree are all dropped, si
 of them can be trusted; a train image that also appears in a held-out split (Kaggle test,
 PCam valid/test) is dropped from train and reported as leakage (`train-<split>`). Held-out
 splits keep every id (the Kaggle submission needs them all); only rows repeating an id already
-in their split are dropped (PCam: the same patch twice), as `exact`, so ids stay unique.
+in their split are dropped (PCam: the same patch twice), as `exact`, so ids stay unique. Different
+ids with the same pixels inside a held-out split (re-saved copies) are kept and reported as
+`<split>-duplicate`: the first id under `kept`, the other copy, kept too, under `dropped`.
 
 Optionally (`near_duplicates`), the same policy runs once more over a dihedral-invariant
 digest: a patch that equals another after a flip or a 90-degree rotation (the 8 symmetries of
@@ -26,6 +28,11 @@ from ..schema import SplitSpec
 
 DUPLICATE_COLUMNS = ["kept", "dropped", "kind"]
 DIHEDRAL = "dihedral"  # prefix of the near-duplicate kinds: dihedral, dihedral-conflicting-label, dihedral-train-test
+KEPT_SUFFIX = "-duplicate"  # <split>-duplicate: copies inside a held-out split, reported but both kept
+
+
+def is_kept_kind(kind: str) -> bool:
+    return kind.endswith(KEPT_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,11 @@ def dedup(splits: dict[str, pd.DataFrame], specs: tuple[SplitSpec, ...], key: st
         repeated = frame.loc[repeat, "id"]
         rows.append(pd.DataFrame({"kept": repeated, "dropped": repeated, "kind": "exact"}))
         held[spec.name] = frame = frame[~repeat].reset_index(drop=True)
-        first_id = frame.sort_values("id", kind="stable").drop_duplicates(key).set_index(key)["id"]
+        by_id = frame.sort_values("id", kind="stable")
+        copy = by_id.duplicated(key)
+        first_id = by_id[~copy].set_index(key)["id"]
+        rows.append(pd.DataFrame({"kept": by_id.loc[copy, key].map(first_id), "dropped": by_id.loc[copy, "id"],
+                                  "kind": f"{prefix}{spec.name}{KEPT_SUFFIX}"}))
         leaked = kept[key].isin(first_id.index)
         rows.append(pd.DataFrame({"kept": kept.loc[leaked, key].map(first_id), "dropped": kept.loc[leaked, "id"],
                                   "kind": f"{prefix}train-{spec.name}"}))
@@ -94,6 +105,7 @@ def dedup_dihedral(exact: Dedup, dihedral: dict[str, pd.Series], specs: tuple[Sp
     near = dedup(frames, specs, key="dihedral", prefix=f"{DIHEDRAL}-")
     near_rows = near.duplicates[near.duplicates["kind"].str.startswith(DIHEDRAL)]  # held-out repeats: done already
     duplicates = pd.concat([exact.duplicates, near_rows], ignore_index=True)
+    duplicates = duplicates.drop_duplicates(["kept", "dropped"], keep="first")  # exact held-out copies: once
     duplicates = duplicates.sort_values(["kind", "dropped"], kind="stable", ignore_index=True)
     kept = {name: frame.drop(columns="dihedral") for name, frame in near.kept.items()}
     dropped = pd.concat([exact.dropped, near.dropped.drop(columns="dihedral")])
