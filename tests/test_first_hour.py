@@ -206,6 +206,8 @@ def test_ctrl_c_during_a_build_is_one_line(tmp_path: Path) -> None:
     _, err = proc.communicate(60)
     if proc.returncode == 0:
         pytest.skip("the build finished before the interrupt arrived")
-    assert proc.returncode == 130, err
+    # 130 from our exit, or -SIGINT when CPython ends by re-raising SIGINT on itself: a shell shows 130 for both
+    assert proc.returncode in (130, -signal.SIGINT), err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert "interrupted: nothing is lost; rerun the same command" in err
+    assert len(err.strip().splitlines()) == 1, err
