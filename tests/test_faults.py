@@ -61,7 +61,7 @@ def test_a_second_build_into_a_locked_out_exits_2_and_touches_nothing(src: Path,
 
 def test_two_real_builds_at_once_one_wins_and_readers_wait(tmp_path: Path) -> None:
     src = tmp_path / "src"
-    write_kaggle(src, 2000, 50, seed=2)
+    write_kaggle(src, 4000, 50, seed=2)  # a first build of several seconds: the second starts while it runs
     out = tmp_path / "cc"
     first = subprocess.Popen([sys.executable, "-m", "pcam_prep", "build", "--src", str(src), "--out", str(out),
                               "--scheduler", "sync", "--shard-size", "20", "--near-duplicates"],
