@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .metrics import binary_pair
+
 
 @dataclass(frozen=True)
 class Suspects:
@@ -45,11 +47,7 @@ def find_suspects(labels: np.ndarray, probs: np.ndarray) -> Suspects:
 
 
 def _check(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    y, p = np.asarray(labels).ravel(), np.asarray(probs, dtype=np.float64).ravel()
-    if y.shape != p.shape:
-        raise ValueError(f"labels and probs differ in length: {y.size} vs {p.size}")
-    if y.size and not np.isin(y, (0, 1)).all():
-        raise ValueError(f"labels must be 0/1, got values {np.unique(y)[:5].tolist()}")
+    y, p = binary_pair(labels, probs, "probs")
     if p.size and not ((p >= 0) & (p <= 1)).all():
         raise ValueError("probs must lie in [0, 1]")
-    return y.astype(bool), p
+    return y, p
