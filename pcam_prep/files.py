@@ -11,12 +11,13 @@ import os
 import platform
 import shutil
 import time
+import tomllib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import Refused, SourceChanged
+from .errors import PcamPrepError, Refused, SourceChanged
 from .memory import scratch
 
 LOCK_NAME = ".pcam-prep.lock"  # inside OUT; held (flock) for the whole build, released by the kernel on exit
@@ -34,6 +35,17 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     tmp = tmp_path(path)
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
+
+
+def read_toml(path: Path, option: str) -> dict[str, Any]:
+    """A TOML file as a dict; a missing or invalid file is one PcamPrepError line naming `option` and the path."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise PcamPrepError(f"{option}: {path} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PcamPrepError(f"{option}: {path} is not valid TOML: {exc}") from None
 
 
 def write_csv_atomic(path: Path, header: Iterable[Any], rows: Iterable[Iterable[Any]]) -> Path:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import PcamPrepError
+from ..files import read_toml
 from ..schema import FORMATS, IMAGE_SIZE
 
 # Settings that change how fast a build runs but never what it writes; they are kept
@@ -92,14 +92,7 @@ def load_toml(path: Path, section: str) -> dict[str, Any]:
 
     So `pcam-prep build --config pipelines/smoke.toml` means the same from any directory.
     """
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise PcamPrepError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PcamPrepError(f"config file {path} is not valid TOML: {exc}") from None
-    values = dict(data.get(section, {}))
+    values = dict(read_toml(path, "--config").get(section, {}))
     for name in _PATH_FIELDS & values.keys():
         if isinstance(values[name], str) and not Path(values[name]).expanduser().is_absolute():
             values[name] = str(Path(path).parent / values[name])

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import PcamPrepError
+from ..files import read_toml
 from .config import DEVICES, TrainConfig, _check_choice, _check_positive
 
 SEARCHABLE = ("lr", "lr_backbone", "batch_size", "weight_decay", "warmup", "optimizer", "arch", "augment", "width",
@@ -109,14 +109,7 @@ def load_space(path: Path | None) -> SearchSpace:
     """The space in a spec file (see the module docstring), or `default_space()` when `path` is None."""
     if path is None:
         return default_space()
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise PcamPrepError(f"--space: {path} not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PcamPrepError(f"--space: {path} is not valid TOML: {exc}") from None
-    return parse_space(data, str(path))
+    return parse_space(read_toml(path, "--space"), str(path))
 
 
 def parse_space(data: dict[str, Any], where: str = "space") -> SearchSpace:
