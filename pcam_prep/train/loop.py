@@ -102,6 +102,7 @@ class Run:
     steps: int  # per epoch, the same on every rank
     state: RunState
     pending_loss: torch.Tensor  # train loss x images not yet added to state.loss_sum (on the device)
+    build_sha256: str = ""  # sha256 of the manifest this run loaded: recorded in every checkpoint
 
 
 def train(config: TrainConfig, progress: Callable[[Progress], None] | None = None) -> dict[str, Any]:
@@ -205,7 +206,7 @@ def setup(config: TrainConfig, rank: int, world: int, device: torch.device) -> R
         # validation at the training batch size: its blocks fit the holes training leaves in the heap
         BatchLoader(val_source, config.batch_size, shuffle=False, rank=rank, world_size=world),
         ResidentSplit(train_source, device) if resident else None, Normalise(stats["mean"], stats["std"], device),
-        steps, state, torch.zeros((), device=device))
+        steps, state, torch.zeros((), device=device), manifest_digest(config.shards))
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
@@ -405,7 +406,7 @@ def checkpoint(run: Run, epoch: int, full: bool) -> dict[str, Any]:
     config = run.config
     ckpt = {"model": run.model.state_dict(), "arch": config.arch, "width": config.width, "config": jsonable(config),
             **run.norm.stats, "epoch": epoch, "world": run.world,
-            "manifest_sha256": manifest_digest(config.shards)}  # which build: `cv --collect` compares them
+            "manifest_sha256": run.build_sha256}  # which build: `cv --collect` compares them
     if full:
         ckpt |= {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                  "state": dataclasses.asdict(run.state)}
