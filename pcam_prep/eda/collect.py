@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,21 +203,29 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def read_range(block: Block, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Images (and labels, for a labelled split) of rows [start, stop) of `block`, counted from its start.
+def block_reader(block: Block) -> Callable[[int, int], tuple[np.ndarray, np.ndarray | None]]:
+    """read(start, stop) -> images (and labels, for a labelled split) of rows [start, stop) of `block`.
 
-    Built stores are read through `readers`, the one checked reader per format.
+    Built stores are read through `readers`, the one checked reader per format, opened once here.
     """
     if block.kind == "files":
-        images = load_images(list(block.files[start:stop]), list(block.stamps[start:stop]), block.shape)
-        return images, np.asarray(block.labels[start:stop], np.uint8) if block.labelled else None
-    lo, hi = block.start + start, block.start + stop
+        def read_files(start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
+            images = load_images(list(block.files[start:stop]), list(block.stamps[start:stop]), block.shape)
+            return images, np.asarray(block.labels[start:stop], np.uint8) if block.labelled else None
+        return read_files
     if block.kind == "wds":
-        reader = ShardReader(Path(block.path), SampleLayout(block.shape, block.labelled), block.count, mapped=False)
-        images, labels = reader.read(lo, hi, np.empty((hi - lo, *block.shape), np.uint8))
-        return images, labels
+        shard = ShardReader(Path(block.path), SampleLayout(block.shape, block.labelled), block.count, mapped=False)
+
+        def read_shard(start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
+            lo, hi = block.start + start, block.start + stop
+            return shard.read(lo, hi, np.empty((hi - lo, *block.shape), np.uint8))
+        return read_shard
     store = ArrayReader(Path(block.path), block.kind, block.split, mapped=False)
-    return store.range(lo, hi), store.column("y", lo, hi) if block.labelled else None
+
+    def read_store(start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
+        lo, hi = block.start + start, block.start + stop
+        return store.range(lo, hi), store.column("y", lo, hi) if block.labelled else None
+    return read_store
 
 
 def tally_block(block: Block) -> Tally:
@@ -224,8 +233,9 @@ def tally_block(block: Block) -> Tally:
     groups = 2 if block.labelled else 1
     hist = np.zeros((groups, 3, 256), np.int64)
     saturation, labels = [], []
+    read = block_reader(block)
     for start in range(0, len(block), _STEP):
-        images, y = read_range(block, start, min(start + _STEP, len(block)))
+        images, y = read(start, min(start + _STEP, len(block)))
         saturation.append(mean_saturation(images))
         hist += channel_histograms(images, y if y is not None else np.zeros(len(images), np.uint8), groups)
         labels.append(y)
@@ -274,7 +284,7 @@ def read_rows(blocks: list[Block], rows: np.ndarray) -> np.ndarray:
     for i, row in enumerate(rows):
         k = int(np.searchsorted(ends, row, side="right"))
         local = int(row - (ends[k - 1] if k else 0))
-        images[i] = read_range(blocks[k], local, local + 1)[0][0]
+        images[i] = block_reader(blocks[k])(local, local + 1)[0][0]
     return images
 
 
