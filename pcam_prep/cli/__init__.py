@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from .. import __version__
-from .common import SCHEDULER_HELP, Bars, add_verbose_option, friendly_errors, set_verbosity
+from .common import SCHEDULER_HELP, Bars, add_verbose_option, friendly_errors, qc_lines, set_verbosity
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -97,7 +97,7 @@ def _synth_pcam(out: Path, n_train: int, n_valid: int, n_test: int, size: int, s
                f"({summary.duplicates} deliberate duplicate(s) for dedup to find)")
 
 
-def _split_formats(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
     if value is None:
         return None
     return tuple(v.strip() for v in value.split(",") if v.strip())
@@ -116,7 +116,7 @@ def _split_formats(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--test", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Kaggle: test folder  [default: test/ beside train/, if present]")
 @click.option("--no-test", is_flag=True, default=None, help="Ignore the test split.")
-@click.option("--formats", callback=_split_formats, help="Comma-separated: wds,zarr,hdf5  [default: all]")
+@click.option("--formats", callback=_comma_list, help="Comma-separated: wds,zarr,hdf5  [default: all]")
 @click.option("--folds", type=int, help="Number of stratified folds  [default: 5]")
 @click.option("--groups", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="id,group CSV (e.g. slide ids): stratified *group* k-fold  [PCam default: the meta CSV's wsi]")
@@ -137,6 +137,16 @@ def _split_formats(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--near-duplicates", is_flag=True, default=None,
               help="Also treat flipped/rotated copies (8 dihedral transforms) as duplicates; one more read pass.")
 @click.option("--strict", is_flag=True, default=None, help="Exit with status 3 if anything was rejected.")
+@click.option("--drop-flags", callback=_comma_list,
+              help="Comma-separated QC flags whose images leave the labelled splits (listed in rejects.csv with the "
+                   "flag as reason): centre-background, blurry, dark, overexposed  [default: none; every image is "
+                   "measured and flagged in qc.csv]")
+@click.option("--qc-centre-tissue", type=float,
+              help="centre-background: tissue share of the 32x32 centre window below this  [default: 0.10]")
+@click.option("--qc-blur", type=float,
+              help="blurry: variance of the centre window's Laplacian below this (grey levels^2)  [default: 25]")
+@click.option("--qc-dark", type=float, help="dark: 95th percentile grey level below this  [default: 60]")
+@click.option("--qc-bright", type=float, help="overexposed: 5th percentile grey level above this  [default: 235]")
 @click.option("--workers", type=click.IntRange(min=1), help="Local worker processes  [default: one per core]")
 @click.option("--scheduler", help=SCHEDULER_HELP)
 @click.option("--batch-size", type=int, help="Files per Dask task  [default: 2048]")
@@ -155,13 +165,15 @@ def build(config_file: Path | None, **flags: Any) -> None:
     the sha1 of the pixels, equal to the Kaggle ids of the same patches).
 
     Writes to OUT: wds/*.tar (WebDataset shards, train by fold, other splits apart), pcam.zarr,
-    pcam.h5, rejects.csv, duplicates.csv and manifest.json (written last).
+    pcam.h5, rejects.csv, duplicates.csv, qc.csv (centre-aware quality metrics and flags per
+    image) and manifest.json (written last).
 
     \b
     Example:
       pcam-prep build --src data/sample/train --out shards/
       pcam-prep build --src pcam/ --out shards/ --torchvision-names
       pcam-prep build --config pipelines/kaggle.toml --formats wds --workers 8
+      pcam-prep build --src train/ --out shards/ --drop-flags centre-background,blurry
     """
     from ..pipeline.config import build_config, load_toml
     from ..pipeline.run import build as run_build
@@ -220,6 +232,7 @@ def format_build_summary(manifest: dict[str, Any], seconds: dict[str, float], ou
         f"  duplicates dropped {manifest['duplicates']['count']:,}  {_counts(manifest['duplicates']['by_kind'])}",
         *([f"  kept copies {manifest['duplicates']['kept_copies']:,}  (held-out images whose pixels repeat in "
            "their split: every id stays, see duplicates.csv)"] if manifest["duplicates"].get("kept_copies") else []),
+        *(f"  {line}" for line in qc_lines(manifest.get("qc"))),
         "  mean " + _values(manifest["stats"]["mean"]) + "   std " + _values(manifest["stats"]["std"]),
         f"  files {len(manifest['files'])}: " + ", ".join(sorted({f['format'] for f in manifest['files']})),
     ]

@@ -93,3 +93,18 @@ class Bars:
 
 SCHEDULER_HELP = ("processes (the default: measured fastest here) | threads | sync | local (a dask.distributed "
                   "LocalCluster of --workers processes) | tcp://HOST:PORT (an existing dask.distributed cluster)")
+
+
+def qc_lines(qc: dict[str, Any] | None) -> list[str]:
+    """'QC flags  centre-background: train 12, test 3; ...' (kept images), and what --drop-flags removed."""
+    if not qc:
+        return []
+    flagged = {flag: {split: c["count"] for split, c in entry["kept"].items() if c["count"]}
+               for flag, entry in qc["flags"].items()}
+    parts = [f"{flag}: " + ", ".join(f"{split} {n:,}" for split, n in counts.items())
+             for flag, counts in flagged.items() if counts]
+    lines = [f"QC flags  {'; '.join(parts)}  (kept; see qc.csv)" if parts else "QC flags  none"]
+    if qc["dropped"]["count"]:
+        by_flag = ", ".join(f"{k}: {v:,}" for k, v in qc["dropped"]["by_flag"].items())
+        lines.append(f"QC dropped {qc['dropped']['count']:,}  ({by_flag}; --drop-flags, listed in rejects.csv)")
+    return lines

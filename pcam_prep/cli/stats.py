@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .common import SCHEDULER_HELP, Bars, friendly_errors
+from .common import SCHEDULER_HELP, Bars, friendly_errors, qc_lines
 
 
 @click.command()
@@ -106,6 +106,7 @@ def _problems(summary: dict[str, Any]) -> str:
         f"leaked test {duplicates['leaked_test_images']:>8,}  (test images whose pixels are also in train)",
         f"kept copies {duplicates.get('kept_copies', 0):>8,}  (held-out images repeating another's pixels; kept)",
         f"sha1 ids    {summary['ids']['sha1_mismatch']:>8,}  not the sha1 of their pixels (Kaggle ids are)",
+        *qc_lines(summary.get("qc")),
         f"background: {summary['background']['rule']}",
     ])
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,13 @@ from ..pipeline.analyse import analyse
 from ..pipeline.card import describe
 from ..pipeline.config import BuildConfig
 from ..pipeline.executor import Executor, ProgressFn
+from ..pipeline.qcflags import qc_table
 from ..readers import ArrayReader, ShardReader
-from ..schema import DUPLICATES_NAME, HDF5_NAME, MANIFEST_NAME, REJECTS_NAME, ZARR_NAME, SampleLayout
+from ..schema import DUPLICATES_NAME, HDF5_NAME, MANIFEST_NAME, QC_NAME, REJECTS_NAME, ZARR_NAME, SampleLayout
 from ..sources.base import stamps_of
 from ..sources.kaggle import KaggleLayout, resolve_layout
 from ..sources.validate import load_images
+from .qc_page import worst_flagged
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +93,9 @@ class Eda:
     duplicates: pd.DataFrame  # kept, dropped, kind
     sources: KaggleLayout | None  # where the source tifs are, if they can still be found
     note: str = ""  # why `sources` is None
+    qc: pd.DataFrame = field(default_factory=pd.DataFrame)  # qc.csv: per image metrics and flags (empty: none)
+    qc_shown: pd.DataFrame = field(default_factory=pd.DataFrame)  # the worst flagged rows (eda.qc_page)
+    qc_images: np.ndarray = field(default_factory=lambda: np.zeros((0, 96, 96, 3), np.uint8))  # their pixels
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,7 @@ class _Found:
     duplicates: pd.DataFrame
     sources: KaggleLayout | None
     note: str = ""
+    qc: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def collect(target: Path, options: EdaOptions = EdaOptions(), progress: ProgressFn | None = None) -> Eda:
@@ -124,9 +130,12 @@ def collect(target: Path, options: EdaOptions = EdaOptions(), progress: Progress
     rows = choose_rows(train, options.samples_per_label, options.seed)
     train_blocks = [b for b in found.blocks if b.split == "train"]
     samples = {label: read_rows(train_blocks, picked) for label, picked in rows.items()}
+    shown = worst_flagged(found.qc)
+    qc_images = read_split_rows(found.blocks, shown["split"].to_numpy(), shown["row"].to_numpy())
     summary = summarise(found.manifest, saturation, labels)
     summary = {"target": str(target.resolve()), "kind": "built" if built else "raw", "source": found.source, **summary}
-    return Eda(summary, hist, saturation, labels, samples, found.rejects, found.duplicates, found.sources, found.note)
+    return Eda(summary, hist, saturation, labels, samples, found.rejects, found.duplicates, found.sources, found.note,
+               found.qc, shown, qc_images)
 
 
 def target_kind(target: Path) -> str:
@@ -164,7 +173,9 @@ def find_built(out: Path) -> _Found:
                        for s in range(0, count, BLOCK_ROWS)]
     rejects, duplicates = (_read_table(out / name) for name in (REJECTS_NAME, DUPLICATES_NAME))
     sources, note = _recorded_sources(manifest.get("config", {}))
-    return _Found(manifest, source, blocks, rejects, duplicates, sources, note)
+    qc_path = out / QC_NAME  # builds before QC have none
+    qc = pd.read_csv(qc_path, dtype={"id": str, "split": str, "flags": str}) if qc_path.is_file() else pd.DataFrame()
+    return _Found(manifest, source, blocks, rejects, duplicates, sources, note, qc)
 
 
 def find_raw(src: Path, executor: Executor, options: EdaOptions) -> _Found:
@@ -182,7 +193,8 @@ def find_raw(src: Path, executor: Executor, options: EdaOptions) -> _Found:
             blocks.append(Block("files", "", split, labelled, found.shape, files=tuple(frame["path"].iloc[rows]),
                                 stamps=tuple(stamps_of(frame.iloc[rows])), labels=tuple(labels[rows])))
     layout = resolve_layout(src)
-    return _Found(manifest, "tif", blocks, found.rejects, found.dedup.duplicates, layout)
+    qc = qc_table(found.splits, found.specs, config.thresholds)
+    return _Found(manifest, "tif", blocks, found.rejects, found.dedup.duplicates, layout, "", qc)
 
 
 def _read_table(path: Path) -> pd.DataFrame:
@@ -288,6 +300,16 @@ def read_rows(blocks: list[Block], rows: np.ndarray) -> np.ndarray:
     return images
 
 
+def read_split_rows(blocks: list[Block], splits: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Images at `rows[i]` of split `splits[i]` (rows count within their split, in output order)."""
+    shape = blocks[0].shape if blocks else (96, 96, 3)
+    images = np.empty((len(rows), *shape), np.uint8)
+    for split in dict.fromkeys(splits.tolist()):
+        mine = splits == split
+        images[mine] = read_rows([b for b in blocks if b.split == split], rows[mine])
+    return images
+
+
 def summarise(manifest: dict[str, Any], saturation: dict[str, np.ndarray],
               labels: dict[str, np.ndarray]) -> dict[str, Any]:
     """The stats object: manifest facts copied as they are, plus shares and the background pass per split."""
@@ -310,6 +332,7 @@ def summarise(manifest: dict[str, Any], saturation: dict[str, np.ndarray],
         "rejects": manifest["rejects"],
         "duplicates": manifest["duplicates"],
         "ids": manifest.get("ids", {"sha1_mismatch": 0}),
+        "qc": manifest.get("qc"),
         "background": background,
     }
 

@@ -26,6 +26,8 @@ from ..sources.kaggle import KaggleLayout
 from ..sources.validate import decoder_for
 from .collect import Eda
 from .cv_report import CV_CAPTIONS, add_cv_run, is_cv_run
+from .qc_page import CAPTION as QC_CAPTION
+from .qc_page import plot_qc
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ CAPTIONS = {
     "background_saturation": "Mean HSV saturation per patch; patches left of the dashed line count as background.",
     "duplicates": "Duplicates: the kept file beside each dropped copy, a few of each kind.",
     "rejects": "Rejected files, a couple per reason; files that cannot be decoded show the reason instead.",
+    "qc_flags": QC_CAPTION,
     "run_curves": "Training curves: loss, validation AUC and accuracy per epoch.",
     "run_roc": "Validation ROC curve.",
     "run_confusion": "Validation confusion matrix.",
@@ -63,6 +66,12 @@ def write_report(eda: Eda, out: Path, run: Path | None = None) -> Path:
                 plot_saturation(eda, out / "background_saturation.png")]
     galleries, notes = gallery_figures(eda, out)
     figures += galleries
+    if eda.qc.empty:
+        notes.append("No QC page: this build has no qc.csv (built before QC metrics existed).")
+    else:
+        counts = {flag: sum(c["count"] for c in entry["kept"].values())
+                  for flag, entry in (eda.summary.get("qc") or {}).get("flags", {}).items()}
+        figures.append(plot_qc(eda.qc_shown, eda.qc_images, counts, out / "qc_flags.png"))
     extra = ""
     if run is not None and is_cv_run(Path(run)):
         cv_figures, cv_notes, extra = add_cv_run(Path(run), out, Path(eda.summary["target"]), eda.summary["kind"])

@@ -22,6 +22,7 @@ import pandas as pd
 
 from ..errors import PcamPrepError
 from ..moments import Moments, channel_moments, merge
+from ..qc import COLUMNS as QC_COLUMNS
 from ..schema import RowSource, SplitSpec, image_shape
 from ..sources import scan_source
 from ..sources.base import REJECT_COLUMNS, Inventory, RowReader
@@ -30,6 +31,7 @@ from .dedup import Dedup, dedup, dedup_dihedral, dihedral_digests
 from .exclude import apply_exclude
 from .executor import Executor
 from .folds import assign_folds
+from .qcflags import apply_drop_flags
 from .tasks import BLOCK_ROWS
 
 logger = logging.getLogger(__name__)
@@ -39,11 +41,11 @@ logger = logging.getLogger(__name__)
 class Analysis:
     """Everything a build knows before it writes: what is kept, in output order, and why not."""
 
-    # Per split, in spec order, the kept rows: id, path, [row], [label], [group], digest, size, mtime_ns, and
-    # for train fold. Train is ordered by (fold, id), every other split by id.
+    # Per split, in spec order, the kept rows: id, path, [row], [label], [group], digest, size, mtime_ns, the
+    # qc.COLUMNS metrics, and for train fold. Train is ordered by (fold, id), every other split by id.
     splits: dict[str, pd.DataFrame]
     specs: tuple[SplitSpec, ...]
-    rejects: pd.DataFrame  # id, path, reason, detail
+    rejects: pd.DataFrame  # id, path, reason, detail, split (QC flags dropped by --drop-flags among them)
     dedup: Dedup
     moments: Moments  # exact pixel moments of the kept train images
     shape: tuple[int, int, int]
@@ -79,6 +81,10 @@ def analyse(config: BuildConfig, executor: Executor, clock: Clock | None = None)
                                 inventory.specs)
         clock.lap("dihedral")
     result, excluded = apply_exclude(result, config.exclude)
+    result, flagged = apply_drop_flags(result, inventory.specs, config.drop_flags, config.thresholds,
+                                       inventory.reader, inventory.root)
+    if len(flagged):
+        rejects = pd.concat([rejects, flagged], ignore_index=True).sort_values(["reason", "id"], ignore_index=True)
     moments = kept_moments(moments, inventory.reader, result.dropped, shape)
     groups, group_by = fold_groups(config, result.train)
     train = result.train
@@ -137,6 +143,8 @@ def inspect(executor: Executor, inventory: Inventory, shape: tuple[int, int, int
         ids, digests = good["id"].to_numpy(), np.asarray(report.digests, dtype=object)[ok]
         good["digest"] = np.where(ids == digests, ids, digests)  # Kaggle ids are the digests: share the id's string
         good["size"], good["mtime_ns"] = report.stamps[ok, 0], report.stamps[ok, 1]  # int64 columns, no tuples
+        for i, column in enumerate(QC_COLUMNS):
+            good[column] = report.qc[ok, i].astype(np.float32)
         kept[spec.name].append(good)
         bad = ~ok
         rejects.append(pd.DataFrame({
@@ -176,7 +184,7 @@ def _labels_int8(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _empty(spec: SplitSpec) -> pd.DataFrame:
-    columns = {"id": [], "path": [], "digest": [], "size": [], "mtime_ns": []}
+    columns = {"id": [], "path": [], "digest": [], "size": [], "mtime_ns": [], **{c: [] for c in QC_COLUMNS}}
     if spec.labelled:
         columns["label"] = []
     return pd.DataFrame(columns)

@@ -11,10 +11,12 @@ import pandas as pd
 
 from ..files import sha256_file, sha256_tree
 from ..manifest import file_entry
-from ..schema import DUPLICATES_NAME, REJECTS_NAME, ZARR_NAME, SampleLayout, SplitSpec
+from ..qc import FLAGS
+from ..schema import DUPLICATES_NAME, QC_NAME, REJECTS_NAME, ZARR_NAME, SampleLayout, SplitSpec
 from .analyse import Analysis
 from .config import BuildConfig
 from .dedup import is_kept_kind
+from .qcflags import qc_record, qc_table
 from .tasks import PieceResult
 
 _PACKAGES = ("pcam-prep", "numpy", "tifffile", "zarr", "h5py", "webdataset", "pandas", "dask")
@@ -48,9 +50,11 @@ def describe_files(out: Path, config: BuildConfig, found: Analysis, pieces: list
     return files
 
 
-def write_tables(out: Path, rejects: pd.DataFrame, duplicates: pd.DataFrame) -> list[dict]:
+def write_tables(out: Path, config: BuildConfig, found: Analysis) -> list[dict]:
+    """rejects.csv, duplicates.csv and qc.csv, each with its manifest entry."""
     entries = []
-    for name, frame in ((REJECTS_NAME, rejects), (DUPLICATES_NAME, duplicates)):
+    qc = qc_table(found.splits, found.specs, config.thresholds)
+    for name, frame in ((REJECTS_NAME, found.rejects), (DUPLICATES_NAME, found.dedup.duplicates), (QC_NAME, qc)):
         path = out / name
         frame.to_csv(path, index=False, lineterminator="\n")
         entries.append(file_entry(out, path, "csv", None, None, len(frame), sha256_file(path)))
@@ -84,6 +88,8 @@ def describe(config: BuildConfig, found: Analysis, files: list[dict]) -> dict[st
                        "leaked_test_images": result.leaked_test, "leaked_images": result.leaked},
         "ids": {"sha1_mismatch": int(mismatched)},
         "excluded": found.excluded or {"count": 0, "listed": 0, "file": None, "sha256": None},
+        "qc": qc_record(found.splits, found.specs, config.thresholds, config.drop_flags,
+                        rejects[rejects["reason"].isin(list(FLAGS))]),
         "wds": {s: {"stride": l.stride, "pixel_offset": l.pixel_offset,
                     "label_offset": l.label_offset if l.labelled else None} for s, l in layouts.items()},
         "config": config.recorded(),

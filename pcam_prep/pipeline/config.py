@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import PcamPrepError
 from ..files import read_toml
+from ..qc import Thresholds, parse_flags
 from ..schema import FORMATS, IMAGE_SIZE
 
 # Settings that change how fast a build runs but never what it writes; they are kept
@@ -42,6 +43,11 @@ class BuildConfig:
     keep_blank: bool = False  # keep all-black / all-white patches instead of rejecting them
     near_duplicates: bool = False  # also find flipped/rotated copies (one more read of every kept image)
     strict: bool = False  # exit non-zero when anything was rejected
+    drop_flags: tuple[str, ...] = ()  # QC flags whose images leave the labelled splits (listed in rejects.csv)
+    qc_centre_tissue: float = Thresholds.centre_tissue  # centre-background below this tissue share of the centre
+    qc_blur: float = Thresholds.blur  # blurry: variance of the centre's Laplacian below this (grey levels^2)
+    qc_dark: float = Thresholds.dark  # dark: 95th percentile grey level below this
+    qc_bright: float = Thresholds.bright  # overexposed: 5th percentile grey level above this
     allow_empty: bool = False  # write a build that keeps no train image (or no image of a split that had inputs)
     batch_size: int = 2048  # files per Dask task; thousands amortise the ~1 ms task cost
     workers: int | None = None  # local threads; default: one per core
@@ -61,8 +67,17 @@ class BuildConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise PcamPrepError(f"{name} must be a positive integer, got {value!r}")
+        object.__setattr__(self, "drop_flags", parse_flags(self.drop_flags))
+        for name in ("qc_centre_tissue", "qc_blur", "qc_dark", "qc_bright"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise PcamPrepError(f"{name} must be a number, got {value!r}")
         if self.workers is not None and self.workers < 1:
             raise PcamPrepError(f"workers must be >= 1, got {self.workers!r}")
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return Thresholds(self.qc_centre_tissue, self.qc_blur, self.qc_dark, self.qc_bright)
 
     @property
     def n_workers(self) -> int:

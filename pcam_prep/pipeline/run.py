@@ -86,7 +86,7 @@ def _build(config: BuildConfig, out: Path, progress: ProgressFn | None) -> Build
             raise OutOfSpace(f"{exc}; this build needs ~{human_bytes(need)} in all") from None
         clock.lap("write")
     files = describe_files(out, config, found, pieces)
-    files += write_tables(out, found.rejects, found.dedup.duplicates)
+    files += write_tables(out, config, found)
     manifest = describe(config, found, files)
     clock.lap("checksums")
     write_json_atomic(out / RUN_INFO_NAME, _run_info(config, executor, clock.laps))

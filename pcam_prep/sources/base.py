@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import pandas as pd
 
+from ..qc import FLAGS
 from ..schema import RowSource, SplitSpec
 
 REJECT_COLUMNS = ["id", "path", "reason", "detail", "split"]  # split: where the input was meant to go
@@ -39,6 +40,7 @@ REASONS = {
     "stray-file": "not a .tif file",
     "not-regular": "symbolic link, folder or device where a file was expected (never followed)",
     "io-error": "could not be read from disk",
+    **{flag: f"QC flag (only with --drop-flags): {rule}" for flag, rule in FLAGS.items()},
 }
 
 

@@ -24,6 +24,8 @@ import pandas as pd
 from ..errors import PcamPrepError, SourceChanged
 from ..files import check_unchanged, file_stamp
 from ..moments import channel_moments
+from ..qc import COLUMNS as QC_COLUMNS
+from ..qc import measure
 from ..schema import PCAM_SPLITS
 from .base import REJECT_COLUMNS, Inventory, stamps_of
 from .validate import BatchReport, blank_mask
@@ -200,10 +202,11 @@ def inspect_rows(path: str, start: int, stop: int, labels: np.ndarray | None, sh
             if not reasons[i]:
                 reasons[i], details[i] = "blank", f"every pixel is {int(images[i].flat[0])}"
     ok = np.array([r == "" for r in reasons], bool)
-    moments = None
-    if with_moments:
-        moments = channel_moments(images if ok.all() else images[ok])
-    return BatchReport(ok, reasons, details, digests, np.tile(np.array(stamp, np.int64), (n, 1)), moments)
+    kept = images if ok.all() else images[ok]
+    moments = channel_moments(kept) if with_moments else None
+    metrics = np.full((n, len(QC_COLUMNS)), np.nan)
+    metrics[ok] = measure(kept)
+    return BatchReport(ok, reasons, details, digests, np.tile(np.array(stamp, np.int64), (n, 1)), moments, metrics)
 
 
 def scan(layout: PcamLayout, shape: tuple[int, int, int]) -> Inventory:

@@ -17,6 +17,8 @@ from ..errors import SourceChanged
 from ..files import check_unchanged
 from ..memory import scratch
 from ..moments import Moments, channel_moments, merge
+from ..qc import COLUMNS as QC_COLUMNS
+from ..qc import measure
 from .decode import Reject, TiffDecoder, read_file
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ class BatchReport:
     digests: list[str]  # sha1 hex of the pixel bytes ("" when rejected)
     stamps: np.ndarray  # (N, 2) int64 (size, mtime_ns) as read, -1 if unread: the write stage checks them
     moments: Moments | None  # pixel moments of the accepted images, when asked for
+    qc: np.ndarray  # (N, len(qc.COLUMNS)) float64 quality metrics of the accepted images (NaN for rejected rows)
 
 
 def inspect_one(path: str, decoder: TiffDecoder) -> tuple[np.ndarray, tuple[int, int]]:
@@ -70,6 +73,7 @@ def inspect_batch(
     digests, reasons, details = [""] * n, [""] * n, [""] * n
     stamps = np.full((n, 2), -1, np.int64)  # an array, not n tuples: the driver holds these for every image
     parts: list[Moments] = []
+    metrics = np.full((n, len(QC_COLUMNS)), np.nan)
     block = scratch("inspect", (_BLOCK, *shape))
     rows: list[int] = []
     for i, path in enumerate(paths):
@@ -82,22 +86,24 @@ def inspect_batch(
             digests[i] = hashlib.sha1(block[len(rows)].data).hexdigest()
             rows.append(i)
         if len(rows) == _BLOCK or (i == n - 1 and rows):
-            images = block[: len(rows)]
+            images, accepted = block[: len(rows)], np.asarray(rows)
             if not keep_blank:
-                images = _reject_blank(images, rows, reasons, details, digests)
+                images, accepted = _reject_blank(images, accepted, reasons, details, digests)
             if with_moments:
                 parts.append(channel_moments(images))
+            metrics[accepted] = measure(images)
             rows = []
     ok = np.array([r == "" for r in reasons], bool)
-    return BatchReport(ok, reasons, details, digests, stamps, merge(parts) if with_moments else None)
+    return BatchReport(ok, reasons, details, digests, stamps, merge(parts) if with_moments else None, metrics)
 
 
-def _reject_blank(images, rows, reasons, details, digests) -> np.ndarray:
+def _reject_blank(images, rows, reasons, details, digests) -> tuple[np.ndarray, np.ndarray]:
+    """The non-blank images and their row numbers; blank rows get their reason."""
     blank = blank_mask(images)
     for j in np.flatnonzero(blank):
         i = rows[j]
         reasons[i], details[i], digests[i] = "blank", f"every pixel is {int(images[j].flat[0])}", ""
-    return images[~blank] if blank.any() else images
+    return (images[~blank], rows[~blank]) if blank.any() else (images, rows)
 
 
 _BLOCK = 64  # images decoded between checks: small enough to stay in cache
