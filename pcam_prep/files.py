@@ -61,13 +61,20 @@ def write_csv_atomic(path: Path, header: Iterable[Any], rows: Iterable[Iterable[
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    buf = scratch("sha256", (_HASH_CHUNK,))  # one reused buffer: fresh pages per read cost more than hashing
+    return hash_file(path, "sha256")[1]
+
+
+def hash_file(path: Path, algorithm: str) -> tuple[int, str]:
+    """(size in bytes, hex digest) of a file, streamed through one reused buffer."""
+    digest = hashlib.new(algorithm, usedforsecurity=False) if algorithm == "md5" else hashlib.new(algorithm)
+    buf = scratch("hash", (_HASH_CHUNK,))  # one reused buffer: fresh pages per read cost more than hashing
     view = memoryview(buf)
+    size = 0
     with open(path, "rb", buffering=0) as fh:
         while n := fh.readinto(buf):
             digest.update(view[:n])
-    return digest.hexdigest()
+            size += n
+    return size, digest.hexdigest()
 
 
 def tree_files(root: Path) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
@@ -367,3 +368,43 @@ def test_dedup_leaves_unique_ids_and_no_leakage(train, valid, test) -> None:
         assert kept["id"].is_unique and set(kept["id"]) == expected[name]
     assert len(result.duplicates) == sum(len(frames[s]) - len(result.kept[s]) for s in frames)
     assert len(result.dropped) == len(frames["train"]) - len(result.train)
+
+
+def test_source_checksums_against_torchvisions_published_md5s() -> None:
+    from pcam_prep.sources import pcam_md5
+
+    published = pcam_md5.PUBLISHED_MD5
+    valid_x, test_x = (f"camelyonpatch_level_2_split_{s}_x.h5.gz" for s in ("valid", "test"))
+    assert pcam_md5.check(valid_x, published[valid_x])["status"] == "match"
+    swapped = pcam_md5.check(valid_x, published[test_x])  # the basveeling README's mix-up, as a file on disk
+    assert swapped["status"] == "mismatch" and test_x in swapped["note"]
+    assert pcam_md5.check(valid_x, "0" * 32)["note"] == "corrupt or not the official file"
+    assert pcam_md5.check("camelyonpatch_level_2_split_valid_x.h5", "0" * 32)["status"] == "unpublished"
+    assert published[valid_x] == "d5b63470df7cfa627aeec8b9dc0c066e"  # torchvision's value, not the README's
+
+
+def test_every_pcam_source_file_is_sized_and_md5d_beside_the_decode(pcam_src: Path, tmp_path: Path, caplog) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(pcam_src, src)
+    packed = src / "camelyonpatch_level_2_split_valid_y.h5.gz"
+    with open(src / "camelyonpatch_level_2_split_valid_y.h5", "rb") as raw, gzip.open(packed, "wb") as gz:
+        gz.write(raw.read())  # a kept download: checked against the published MD5 (and it is not the official one)
+    events: list[tuple[str, int, int]] = []
+    with caplog.at_level(logging.WARNING, logger="pcam_prep"):
+        build(BuildConfig(src=src, out=tmp_path / "out", formats=("wds",), folds=2, workers=2, batch_size=8),
+              progress=lambda stage, done, total: events.append((stage, done, total)))
+    record = manifest(tmp_path / "out")["source_files"]
+    files = {f["path"]: f for f in record["files"]}
+    on_disk = sorted(p.name for p in src.iterdir())
+    assert sorted(files) == on_disk  # x, y, meta of every split, and the .gz
+    for name, entry in files.items():
+        data = (src / name).read_bytes()
+        assert entry["size"] == len(data) and entry["md5"] == hashlib.md5(data).hexdigest()
+    assert files[packed.name]["status"] == "mismatch" and files[packed.name]["published_md5"] == \
+        "2b85f58b927af9964a4c15b8f7e8f179"
+    assert {f["status"] for n, f in files.items() if n != packed.name} == {"unpublished"}
+    assert "valid_y.h5.gz: MD5" in caplog.text and "is not the published 2b85f58b" in caplog.text
+    # One pool pass: the hashes finish while images are still being decoded, not after the last one.
+    done = [i for i, (stage, d, t) in enumerate(events) if stage == "md5" and d == t]
+    decoded = [i for i, (stage, d, t) in enumerate(events) if stage == "decode" and d == t]
+    assert done and decoded and done[0] < decoded[-1]

@@ -6,6 +6,7 @@ see one clear line instead of a traceback.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +180,7 @@ def build(config_file: Path | None, **flags: Any) -> None:
     from ..pipeline.run import build as run_build
 
     config = build_config(load_toml(config_file, "build") if config_file else {}, flags)
-    bars = Bars("img")
+    bars = Bars("img", {"md5": "MiB"})
     summary = run_build(config, progress=bars)
     bars.close()
     click.echo(format_build_summary(summary.manifest, summary.seconds, summary.out, summary.reused))
@@ -236,6 +237,12 @@ def format_build_summary(manifest: dict[str, Any], seconds: dict[str, float], ou
         "  mean " + _values(manifest["stats"]["mean"]) + "   std " + _values(manifest["stats"]["std"]),
         f"  files {len(manifest['files'])}: " + ", ".join(sorted({f['format'] for f in manifest['files']})),
     ]
+    checked = manifest.get("source_files")
+    if checked:
+        status = Counter([f["status"] for f in checked["files"]])
+        lines.append(f"  source MD5 {len(checked['files'])} files: {status.get('match', 0)} match the published "
+                     f"checksums, {status.get('mismatch', 0)} do not, {status.get('unpublished', 0)} have none "
+                     "(unpacked .h5: keep the .gz beside it to check it; manifest source_files)")
     mismatched = manifest.get("ids", {}).get("sha1_mismatch", 0)
     if mismatched:
         lines.append(f"  warning: {mismatched:,} ids are not the sha1 of their pixels (Kaggle ids are): renamed or "

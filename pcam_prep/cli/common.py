@@ -71,8 +71,8 @@ def friendly_errors(func: Callable) -> Callable:
 class Bars:
     """tqdm bars keyed by stage; silent when stderr is not a terminal."""
 
-    def __init__(self, unit: str = "task") -> None:
-        self.unit = unit
+    def __init__(self, unit: str = "task", units: dict[str, str] | None = None) -> None:
+        self.unit, self.units = unit, units or {}  # units: per-stage overrides, e.g. {"md5": "MiB"}
         self.bars: dict[str, Any] = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
@@ -80,8 +80,8 @@ class Bars:
 
         bar = self.bars.get(stage)
         if bar is None:
-            bar = self.bars[stage] = tqdm(total=total, desc=f"{stage:>8}", unit=self.unit, disable=None,
-                                          file=sys.stderr, leave=True, dynamic_ncols=True)
+            bar = self.bars[stage] = tqdm(total=total, desc=f"{stage:>8}", unit=self.units.get(stage, self.unit),
+                                          disable=None, file=sys.stderr, leave=True, dynamic_ncols=True)
         bar.update(done - bar.n)
         if done >= total:
             bar.close()

@@ -25,7 +25,9 @@ from ..moments import Moments, channel_moments, merge
 from ..qc import COLUMNS as QC_COLUMNS
 from ..schema import RowSource, SplitSpec, image_shape
 from ..sources import scan_source
+from ..sources import pcam_md5
 from ..sources.base import REJECT_COLUMNS, Inventory, RowReader
+from ..sources.pcam_md5 import file_md5
 from .config import BuildConfig
 from .dedup import Dedup, dedup, dedup_dihedral, dihedral_digests
 from .exclude import apply_exclude
@@ -53,6 +55,7 @@ class Analysis:
     layout: str = "kaggle"  # the source layout: kaggle | pcam-h5
     group_by: str | None = None  # what grouped the folds: "csv" (--groups), "wsi" (PCam meta CSV) or None
     excluded: dict | None = None  # --exclude: train ids left out on purpose (count, listed, file, sha256)
+    source_files: dict | None = None  # PCam: each source file's size and MD5 against the published ones
 
     @property
     def train(self) -> pd.DataFrame:
@@ -73,7 +76,7 @@ def analyse(config: BuildConfig, executor: Executor, clock: Clock | None = None)
     shape = image_shape(config.image_size)
     inventory = scan_source(config, shape)
     clock.lap("scan")
-    decoded, rejects, moments = inspect(executor, inventory, shape, config)
+    decoded, rejects, moments, checksums = inspect(executor, inventory, shape, config)
     clock.lap("decode")
     result = dedup(decoded, inventory.specs)
     if config.near_duplicates:
@@ -95,7 +98,7 @@ def analyse(config: BuildConfig, executor: Executor, clock: Clock | None = None)
         splits[spec.name] = result.kept[spec.name].sort_values("id", kind="stable", ignore_index=True)
     clock.lap("dedup+folds")
     return Analysis(splits, inventory.specs, rejects, result, moments, shape, inventory.reader, inventory.layout,
-                    group_by, excluded)
+                    group_by, excluded, checksums)
 
 
 def read_groups(path: Path) -> pd.Series:
@@ -132,7 +135,12 @@ def inspect(executor: Executor, inventory: Inventory, shape: tuple[int, int, int
                for spec in inventory.specs for frame in [inventory.splits[spec.name]]
                for start in range(0, len(frame), config.batch_size)]
     calls = [reader.inspect_call(rows, shape, config.keep_blank, spec.folded) for spec, rows in batches]
-    reports = executor.map("decode", calls, [len(rows) for _, rows in batches])
+    # Whole-file MD5s (PCam) run as tasks beside the decode, biggest first, on a bar of their own (MiB).
+    files = sorted(inventory.checksummed, key=lambda p: -p.stat().st_size)
+    sums = [(file_md5, (str(p),)) for p in files]
+    results = executor.map("decode", sums + calls, [max(1, p.stat().st_size >> 20) for p in files] +
+                           [len(rows) for _, rows in batches], ["md5"] * len(sums) + ["decode"] * len(calls))
+    hashed, reports = results[: len(sums)], results[len(sums) :]
     kept: dict[str, list[pd.DataFrame]] = {spec.name: [] for spec in inventory.specs}
     rejects = [inventory.rejects]
     for (spec, rows), report in zip(batches, reports):
@@ -158,7 +166,7 @@ def inspect(executor: Executor, inventory: Inventory, shape: tuple[int, int, int
               for s in inventory.specs}
     rejects = pd.concat(rejects, ignore_index=True)[REJECT_COLUMNS].sort_values(["reason", "id"], ignore_index=True)
     moments = merge([r.moments for r in reports if r.moments is not None])
-    return frames, rejects, moments
+    return frames, rejects, moments, pcam_md5.record(hashed, inventory.root) if hashed else None
 
 
 def dihedral_stage(executor: Executor, result: Dedup, reader: RowReader, shape, config: BuildConfig):

@@ -88,6 +88,7 @@ def describe(config: BuildConfig, found: Analysis, files: list[dict]) -> dict[st
                        "leaked_test_images": result.leaked_test, "leaked_images": result.leaked},
         "ids": {"sha1_mismatch": int(mismatched)},
         "excluded": found.excluded or {"count": 0, "listed": 0, "file": None, "sha256": None},
+        **({"source_files": found.source_files} if found.source_files else {}),
         "qc": qc_record(found.splits, found.specs, config.thresholds, config.drop_flags,
                         rejects[rejects["reason"].isin(list(FLAGS))]),
         "wds": {s: {"stride": l.stride, "pixel_offset": l.pixel_offset,

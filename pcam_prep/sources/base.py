@@ -75,6 +75,7 @@ class Inventory:
     splits: dict[str, pd.DataFrame]  # per split: id, path, [row], [label], [group]
     rejects: pd.DataFrame  # id, path (relative to root), reason, detail
     reader: RowReader
+    checksummed: tuple[Path, ...] = ()  # whole source files to size and MD5 beside the decode (PCam's h5/csv)
 
     @property
     def train(self) -> pd.DataFrame:

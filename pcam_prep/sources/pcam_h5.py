@@ -28,6 +28,7 @@ from ..qc import COLUMNS as QC_COLUMNS
 from ..qc import measure
 from ..schema import PCAM_SPLITS
 from .base import REJECT_COLUMNS, Inventory, stamps_of
+from .pcam_md5 import source_files
 from .validate import BatchReport, blank_mask
 
 logger = logging.getLogger(__name__)
@@ -221,7 +222,9 @@ def scan(layout: PcamLayout, shape: tuple[int, int, int]) -> Inventory:
         frames[split] = frame
         logger.info("PCam %s: %d rows%s", split, n, "" if files.meta is None else ", slides from the meta CSV")
     specs = tuple(s for s in PCAM_SPLITS if s.name in frames)
-    return Inventory("pcam-h5", layout.root, specs, frames, pd.DataFrame(columns=REJECT_COLUMNS), H5Reader())
+    files = [p for f in layout.splits.values() for p in (f.x, f.y, f.meta) if p is not None]
+    return Inventory("pcam-h5", layout.root, specs, frames, pd.DataFrame(columns=REJECT_COLUMNS), H5Reader(),
+                     tuple(source_files(files)))
 
 
 def _x_rows(path: Path, shape: tuple[int, int, int]) -> int:
