@@ -105,8 +105,8 @@ def _split_counts(pcam_split: pd.Series) -> dict[str, int]:
 
 
 def _by_split(pcam: pd.DataFrame, mask: np.ndarray) -> dict[str, int]:
-    counts = pcam.loc[mask, "pcam_split"].value_counts()
-    return {split: int(counts.get(split, 0)) for split in _PCAM_ORDER if split in set(pcam["pcam_split"])}
+    counts, present = pcam.loc[mask, "pcam_split"].value_counts(), set(pcam["pcam_split"].unique())
+    return {split: int(counts.get(split, 0)) for split in _PCAM_ORDER if split in present}
 
 
 def source_kind(path: Path) -> str:
@@ -153,9 +153,9 @@ def write_map(out: Path, found: SlideMap) -> None:
     """Each file under a temporary name, renamed into place; summary.json last."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv_atomic(out / GROUPS_NAME, ["id", "group"], found.groups.itertuples(index=False))
+    write_csv_atomic(out / GROUPS_NAME, ["id", "group"], found.groups.to_numpy(object).tolist())
     table = found.table.astype({"pcam_index": "string"}).fillna("")
-    write_csv_atomic(out / TABLE_NAME, TABLE_COLUMNS, table.itertuples(index=False))
+    write_csv_atomic(out / TABLE_NAME, TABLE_COLUMNS, table.to_numpy(object).tolist())
     write_json_atomic(out / SUMMARY_NAME, found.summary)
 
 

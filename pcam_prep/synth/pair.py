@@ -38,7 +38,8 @@ class PairSummary:
     out: Path
     pcam: PcamSynthSummary
     kaggle: dict[str, int]  # ids per Kaggle split, the unmatched ones included
-    dropped: int  # distinct PCam patches left out of Kaggle on purpose (every copy of each)
+    dropped: int  # distinct PCam patches left out of Kaggle on purpose
+    dropped_rows: int  # the PCam rows that hold them (a left-out patch may sit in several rows)
     unmatched: dict[str, int]  # Kaggle ids per split whose pixels are in no PCam row
 
 
@@ -54,10 +55,12 @@ def write_pair(out: Path, n_train: int, n_valid: int, n_test: int, *, size: int 
     out = Path(out)
     pcam = write_pcam_h5(out / PCAM_DIR, n_train, n_valid, n_test, size=size, seed=seed, progress=progress)
     inventory = pcam_h5.scan(pcam_h5.resolve_layout(out / PCAM_DIR), image_shape(size))
-    patches = _first_copies(inventory.splits)
+    every = _digests(inventory.splits)
+    patches = every.drop_duplicates("digest", ignore_index=True)  # the first PCam row of every distinct patch
     rng = np.random.default_rng([seed, _PAIR_STREAM])
     dropped = rng.choice(len(patches), _few(len(patches), share), replace=False)
     kept = patches.drop(index=patches.index[dropped])
+    left_out = int((~every["digest"].isin(kept["digest"])).sum())
     counter = Counter(progress, "kaggle", len(kept))
     rows: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
     for folder in rows:
@@ -72,21 +75,20 @@ def write_pair(out: Path, n_train: int, n_valid: int, n_test: int, *, size: int 
     write_labels(out / KAGGLE_DIR / "train_labels.csv", rows["train"])
     write_labels(out / KAGGLE_DIR / "sample_submission.csv", [(i, 0) for i, _ in rows["test"]])
     logger.info("wrote a PCam/Kaggle pair to %s: %d patches left out, %s unmatched", out, len(dropped), unmatched)
-    return PairSummary(out, pcam, {s: len(r) for s, r in rows.items()}, len(dropped), unmatched)
+    return PairSummary(out, pcam, {s: len(r) for s, r in rows.items()}, len(dropped), left_out, unmatched)
 
 
 def _few(n: int, share: float) -> int:
     return max(1, int(round(n * share))) if n else 0
 
 
-def _first_copies(splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """The first PCam row of every distinct patch: digest, pcam_split, path, row, label; in PCam order."""
+def _digests(splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Every PCam row with its pixel sha1: digest, pcam_split, path, row, label; in PCam order."""
     frames = []
     for split, frame in splits.items():
         digests = [hashlib.sha1(image.data).hexdigest() for _, images in _blocks(frame) for image in images]
         frames.append(frame.assign(digest=digests, pcam_split=split))
-    every = pd.concat(frames, ignore_index=True)
-    return every.drop_duplicates("digest", ignore_index=True)
+    return pd.concat(frames, ignore_index=True)
 
 
 def _blocks(frame: pd.DataFrame):
