@@ -43,7 +43,7 @@ def main(verbose: int) -> None:
 @click.option("--test", "n_test", type=click.IntRange(min=0), default=250, show_default=True,
               help="Number of test patches.")
 @click.option("--valid", "n_valid", type=click.IntRange(min=0),
-              help="Number of valid patches (--layout pcam-h5 only)  [default: as --test]")
+              help="Number of valid patches (--layout pcam-h5 or kaggle-pcam)  [default: as --test]")
 @click.option("--layout", type=click.Choice(["kaggle", "pcam-h5", "kaggle-pcam"]), default="kaggle", show_default=True,
               help="kaggle: train/ and test/ .tif folders; pcam-h5: PatchCamelyon's camelyonpatch_*.h5 files; "
                    "kaggle-pcam: both, OUT/pcam and OUT/kaggle cut from the same patches (for `pcam-prep map`).")

@@ -35,8 +35,8 @@ GROUPS_NAME, TABLE_NAME, SUMMARY_NAME = "groups.csv", "kaggle_to_pcam.csv", "sum
 TABLE_COLUMNS = ["id", "kaggle_split", "pcam_split", "pcam_index", "wsi"]
 UNMATCHED = "unmatched"
 _PCAM_ORDER = {spec.name: rank for rank, spec in enumerate(PCAM_SPLITS)}
-_SOURCE_HINT = "a Kaggle folder (train/, test/, train_labels.csv), a PCam folder (camelyonpatch_level_2_split_*) " \
-               "or a built OUT (manifest.json)"
+_KINDS = ("a Kaggle folder (train/, test/, train_labels.csv)", "a PCam folder (camelyonpatch_level_2_split_*)",
+          "a built OUT (manifest.json)")
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def match_slides(kaggle_ids: pd.DataFrame, pcam: pd.DataFrame) -> SlideMap:
     pairs["pcam_index"] = pairs["pcam_index"].astype("Int64")
     first = pairs.drop_duplicates(["id", "kaggle_split"])
     train = pairs[pairs["kaggle_split"] == "train"].sort_values("id", kind="stable")
-    matched_train = first[(first["kaggle_split"] == "train") & first["pcam_split"].notna()]
+    matched_train = first[(first["kaggle_split"] == "train") & first["wsi"].notna()]  # no wsi: no group
     groups = matched_train[["id", "wsi"]].rename(columns={"wsi": "group"}).sort_values("id", ignore_index=True)
     rows = pairs.dropna(subset=["pcam_split"]).groupby(["id", "kaggle_split"])
     in_kaggle = pcam["digest"].isin(kaggle_ids["id"])
@@ -113,14 +113,14 @@ def source_kind(path: Path) -> str:
     """pcam-h5, kaggle or built (a folder with a manifest); anything else is one error line."""
     path = Path(path)
     if not path.is_dir():
-        raise PcamPrepError(f"{path} is not a folder: expected {_SOURCE_HINT}")
+        raise PcamPrepError(f"{path} is not a folder: expected {', '.join(_KINDS[:2])} or {_KINDS[2]}")
     if (path / MANIFEST_NAME).is_file():
         return "built"
     if pcam_h5.is_pcam_dir(path):
         return "pcam-h5"
     if (path / "train").is_dir() or any(path.glob("*.tif")):
         return "kaggle"
-    raise PcamPrepError(f"{path} is neither {_SOURCE_HINT}")
+    raise PcamPrepError(f"{path} is neither {', '.join(_KINDS[:2])} nor {_KINDS[2]}")
 
 
 def slide_map(config: MapConfig, progress: ProgressFn | None = None) -> SlideMap:
@@ -170,11 +170,11 @@ def kaggle_ids(path: Path) -> tuple[pd.DataFrame, str]:
             raise PcamPrepError(f"--kaggle {path} was built from {manifest.get('source_layout')} files, not from a "
                                 "Kaggle folder")
         ids = built_ids(path, manifest)
-        origin = (f"the ids the build in {path} kept (ids it rejected or dropped as duplicates are not in it; "
-                  f"{manifest.get('ids', {}).get('sha1_mismatch', 0)} of them are not the sha1 of their pixels)")
+        renamed = manifest.get("ids", {}).get("sha1_mismatch", 0)
+        origin = (f"the ids the build in {path} kept (ids it rejected or dropped as duplicates are not in it)"
+                  + (f"; {renamed:,} of them are not the sha1 of their pixels, so cannot match" if renamed else ""))
     else:
-        ids = {split: kaggle.list_images(folder, folder.parent, split)[0]["id"].to_numpy()
-               for split, folder in kaggle_folders(Path(path)).items()}
+        ids = {split: listed_ids(folder, split) for split, folder in kaggle_folders(Path(path)).items()}
         origin = "file names: Kaggle names each file by the sha1 of its pixels, so ids are not decoded or re-hashed"
     frame = pd.concat([pd.DataFrame({"id": v, "kaggle_split": k}) for k, v in ids.items()], ignore_index=True)
     return frame, origin
@@ -185,6 +185,14 @@ def kaggle_folders(path: Path) -> dict[str, Path]:
     train = path / "train" if (path / "train").is_dir() else path
     test = train.parent / "test"
     return {"train": train, **({"test": test} if test.is_dir() and test != train else {})}
+
+
+def listed_ids(folder: Path, split: str) -> np.ndarray:
+    """The ids (file stems) of a Kaggle folder's .tif files; nothing is opened."""
+    frame, strays = kaggle.list_images(folder, folder.parent, split)
+    if strays:
+        logger.warning("%s: %d entries are not .tif files named by an id; not mapped", folder, len(strays))
+    return frame["id"].to_numpy()
 
 
 def built_ids(out: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
