@@ -44,9 +44,10 @@ def main(verbose: int) -> None:
 @click.option("--test", "n_test", type=click.IntRange(min=0), default=250, show_default=True,
               help="Number of test patches.")
 @click.option("--valid", "n_valid", type=click.IntRange(min=0),
-              help="Number of valid patches (--layout pcam-h5 only)  [default: as --test]")
-@click.option("--layout", type=click.Choice(["kaggle", "pcam-h5"]), default="kaggle", show_default=True,
-              help="kaggle: train/ and test/ .tif folders; pcam-h5: PatchCamelyon's camelyonpatch_*.h5 files.")
+              help="Number of valid patches (--layout pcam-h5 or kaggle-pcam)  [default: as --test]")
+@click.option("--layout", type=click.Choice(["kaggle", "pcam-h5", "kaggle-pcam"]), default="kaggle", show_default=True,
+              help="kaggle: train/ and test/ .tif folders; pcam-h5: PatchCamelyon's camelyonpatch_*.h5 files; "
+                   "kaggle-pcam: both, OUT/pcam and OUT/kaggle cut from the same patches (for `pcam-prep map`).")
 @click.option("--size", type=click.IntRange(min=32), default=96, show_default=True, help="Patch height and width.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed; same seed, same bytes.")
 @click.option("--label-noise", type=click.FloatRange(0, 0.5), default=0.0, show_default=True,
@@ -64,16 +65,21 @@ def synth(out: Path, n_train: int, n_test: int, n_valid: int | None, layout: str
     and _meta.csv (a wsi column: a handful of fake slides), with a few deliberate duplicates
     (two within train, one train patch copied into valid) for the build to report.
 
+    With --layout kaggle-pcam, OUT/pcam gets those PCam files and OUT/kaggle a Kaggle folder of
+    the same patches, as Kaggle cut it from PCam: each patch once (PCam train and valid as
+    Kaggle train, PCam test as test), a few left out and a few of its own in no PCam file.
+
     \b
     Example:
       pcam-prep synth data/demo --train 2000 --test 500 --seed 1
       pcam-prep synth data/pcam --layout pcam-h5 --train 2000 --valid 500 --test 500
       pcam-prep synth data/noisy --train 2000 --test 500 --label-noise 0.02
+      pcam-prep synth data/pair --layout kaggle-pcam --train 2000 --valid 500 --test 500
     """
-    if layout == "pcam-h5" and label_noise:
+    if layout != "kaggle" and label_noise:
         raise click.UsageError("--label-noise is for the kaggle layout (its label_noise.csv names ids)")
-    if layout == "pcam-h5":
-        _synth_pcam(out, n_train, n_test if n_valid is None else n_valid, n_test, size, seed)
+    if layout != "kaggle":
+        _synth_pcam(out, n_train, n_test if n_valid is None else n_valid, n_test, size, seed, layout == "kaggle-pcam")
         return
     if n_valid is not None:
         raise click.UsageError("--valid is for --layout pcam-h5: the Kaggle layout has no valid split")
@@ -87,15 +93,24 @@ def synth(out: Path, n_train: int, n_test: int, n_valid: int | None, layout: str
         click.echo(f"flipped {summary.flipped} train label(s) on purpose: {out / 'label_noise.csv'}")
 
 
-def _synth_pcam(out: Path, n_train: int, n_valid: int, n_test: int, size: int, seed: int) -> None:
-    from ..synth import write_pcam_h5
+def _synth_pcam(out: Path, n_train: int, n_valid: int, n_test: int, size: int, seed: int, pair: bool) -> None:
+    from ..synth import write_pair, write_pcam_h5
+    from ..synth.pair import PCAM_DIR
 
     bars = Bars("img")
-    summary = write_pcam_h5(out, n_train, n_valid, n_test, size=size, seed=seed, progress=bars)
+    if pair:
+        both = write_pair(out, n_train, n_valid, n_test, size=size, seed=seed, progress=bars)
+        summary = both.pcam
+    else:
+        summary = write_pcam_h5(out, n_train, n_valid, n_test, size=size, seed=seed, progress=bars)
     bars.close()
     parts = ", ".join(f"{n} {split}" for split, n in summary.counts.items())
-    click.echo(f"wrote {parts} patches as PCam HDF5 files to {out} "
+    click.echo(f"wrote {parts} patches as PCam HDF5 files to {out / PCAM_DIR if pair else out} "
                f"({summary.duplicates} deliberate duplicate(s) for dedup to find)")
+    if pair:
+        kept = ", ".join(f"{n} {split} ({both.unmatched[split]} in no PCam file)" for split, n in both.kaggle.items())
+        click.echo(f"wrote {kept} Kaggle patches to {both.out / 'kaggle'}; {both.dropped} distinct PCam patch(es) "
+                   "left out on purpose")
 
 
 def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
@@ -263,11 +278,12 @@ def _counts(counts: dict[str, int]) -> str:
 
 # Commands that live in their own modules (they import Bars/friendly_errors from here).
 from .cv import cv
+from .map import map_
 from .stats import stats
 from .sweep import sweep
 from .train import bench, predict, train
 
-for command in (stats, train, predict, bench, sweep, cv):
+for command in (stats, train, predict, bench, sweep, cv, map_):
     main.add_command(command)
 add_verbose_option(main)  # `pcam-prep build -v` works as well as `pcam-prep -v build`
 

@@ -5,6 +5,7 @@ are the sha1 of the pixels, so every part of the tool can be tested on data it m
 """
 
 from .kaggle import SynthSummary, make_patch, write_kaggle
+from .pair import PairSummary, write_pair
 from .pcam import write_pcam_h5
 
-__all__ = ["SynthSummary", "make_patch", "write_kaggle", "write_pcam_h5"]
+__all__ = ["PairSummary", "SynthSummary", "make_patch", "write_kaggle", "write_pair", "write_pcam_h5"]

@@ -223,7 +223,7 @@ def _tiff_header(shape: tuple[int, ...]) -> bytes | None:
     return probes[0][:-n]
 
 
-def _write_tif(folder: Path, img: np.ndarray, sample_id: str) -> None:
+def write_tif(folder: Path, img: np.ndarray, sample_id: str) -> None:
     """Write exactly the bytes of `tifffile.imwrite(path, img)`: to a temporary name, then renamed into place."""
     header = _tiff_header(img.shape)
     tmp = tmp_path(folder / f"{sample_id}.tif")
@@ -232,7 +232,8 @@ def _write_tif(folder: Path, img: np.ndarray, sample_id: str) -> None:
     os.replace(tmp, folder / f"{sample_id}.tif")
 
 
-def _write_csv(path: Path, rows: list[tuple[str, int]]) -> None:
+def write_labels(path: Path, rows: list[tuple[str, int]]) -> None:
+    """`id,label`, rows sorted by id (train_labels.csv, sample_submission.csv)."""
     write_csv_atomic(path, ("id", "label"), sorted(rows))
 
 
@@ -276,7 +277,7 @@ def write_kaggle(out: Path, n_train: int, n_test: int, *, size: int = 96, seed: 
                 img, _ = make_patch(image_rng, label, size)
                 sample_id = hashlib.sha1(img.tobytes()).hexdigest()
             seen.add(sample_id)
-            _write_tif(folder, img, sample_id)
+            write_tif(folder, img, sample_id)
             rows[split].append((sample_id, label))
             pending += 1
             if pending == _PROGRESS_EVERY:
@@ -291,8 +292,8 @@ def write_kaggle(out: Path, n_train: int, n_test: int, *, size: int = 96, seed: 
     (out / TRUTH_NAME).unlink(missing_ok=True)
     if truth:
         write_truth(out / TRUTH_NAME, truth)
-    _write_csv(out / "train_labels.csv", rows["train"])
-    _write_csv(out / "sample_submission.csv", [(i, 0) for i, _ in rows["test"]])
+    write_labels(out / "train_labels.csv", rows["train"])
+    write_labels(out / "sample_submission.csv", [(i, 0) for i, _ in rows["test"]])
     if pending:
         counter.add(pending)
     logger.info("wrote %d train (%d positive) and %d test patches to %s", n_train, positives, n_test, out)
