@@ -68,19 +68,20 @@ def timed(cmd: list[str], **kw) -> tuple[float, float]:
 
 
 def contenders(src: Path, work: Path, shard: int, workers: int | None,
-               local_cluster: bool = False) -> dict[str, callable]:
+               local_cluster: bool = False, baseline: Path | None = None) -> dict[str, callable]:
     def fresh(name: str) -> Path:
         path = work / name
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
         return path
 
-    def build(formats: str, scheduler: str | None = None):
+    def build(formats: str, scheduler: str | None = None, code: Path | None = None):
         extra = ["--workers", str(workers)] if workers else []
         extra += ["--scheduler", scheduler] if scheduler else []
-        name = f"ours-{formats}" + ("-cluster" if scheduler else "")
+        name = f"ours-{formats}" + ("-cluster" if scheduler else "") + ("-baseline" if code else "")
+        where = {"env": {**os.environ, "PYTHONPATH": str(code)}, "cwd": code} if code else {}  # `-m` puts cwd first
         return lambda: timed([sys.executable, "-m", "pcam_prep", "build", "--src", str(src), "--out",
-                              str(fresh(name)), "--formats", formats, "--shard-size", str(shard), *extra])
+                              str(fresh(name)), "--formats", formats, "--shard-size", str(shard), *extra], **where)
 
     n_files = sum(1 for _ in src.rglob("*.tif"))
     shard_bytes = n_files * 29_696  # what the wds shards hold: one fixed-size record per image
@@ -95,7 +96,10 @@ def contenders(src: Path, work: Path, shard: int, workers: int | None,
     } | ({  # the default's rival: a dask.distributed LocalCluster started by the build itself
         "pcam-prep build --formats wds --scheduler local": build("wds", "local"),
         "pcam-prep build --formats wds,zarr,hdf5 --scheduler local": build("wds,zarr,hdf5", "local"),
-    } if local_cluster else {})
+    } if local_cluster else {}) | ({  # the same builds from another checkout (e.g. the commit before a change)
+        f"baseline {baseline.name}: build --formats wds": build("wds", code=baseline),
+        f"baseline {baseline.name}: build --formats wds,zarr,hdf5": build("wds,zarr,hdf5", code=baseline),
+    } if baseline else {})
 
 
 def main() -> None:
@@ -111,17 +115,20 @@ def main() -> None:
     parser.add_argument("--local-cluster", action="store_true",
                         help="also time builds with --scheduler local (a dask.distributed LocalCluster)")
     parser.add_argument("--memory-sizes", default="", help="e.g. 5000,20000: peak RSS of a full build at each size")
+    parser.add_argument("--baseline", type=Path, help="a checkout of another pcam-prep commit: its builds are timed "
+                        "too, in the same interleaved runs (its package is put first on PYTHONPATH)")
     args = parser.parse_args()
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="pcam-bench-"))
-    src = args.src
+    work = (args.work or Path(tempfile.mkdtemp(prefix="pcam-bench-"))).resolve()
+    src = args.src.resolve() if args.src else None
+    args.baseline = args.baseline.resolve() if args.baseline else None
     if src is None:
         src = work / "src"
         if not (src / "train_labels.csv").exists():
             subprocess.run([sys.executable, "-m", "pcam_prep", "synth", str(src), "--train", str(args.train),
                             "--test", str(args.test), "--seed", "7"], check=True)
     n_images = sum(1 for _ in (src / "train").iterdir()) + sum(1 for _ in (src / "test").iterdir())
-    runs = contenders(src, work, args.shard_size, args.workers, args.local_cluster)
+    runs = contenders(src, work, args.shard_size, args.workers, args.local_cluster, args.baseline)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     runs["cat (floor)"]()  # warm the page cache once for everyone
     for _ in range(args.repeats):
@@ -140,9 +147,32 @@ def main() -> None:
         table[name] = {"seconds": wall, "images_per_s": n_images / wall, "speedup": stock / wall, "rss_mib": rss,
                        "runs": values}
         print(f"| {name} | {wall:.2f} | {n_images / wall:,.0f} | {stock / wall:.1f}x | {rss:.0f} |")
+    stages = stage_table(work, n_images)
     memory = memory_scaling(work, [int(v) for v in args.memory_sizes.split(",") if v], args.shard_size)
     if args.json:
-        args.json.write_text(json.dumps({"images": n_images, "results": table, "memory": memory}, indent=2))
+        args.json.write_text(json.dumps({"images": n_images, "results": table, "stages": stages, "memory": memory},
+                                        indent=2))
+
+
+def stage_table(work: Path, n_images: int) -> dict[str, dict]:
+    """Per-stage seconds of the last run of each build, from its own run.json (`seconds` are the driver's
+    wall-clock laps; `stages` are the wall time each pool pass took)."""
+    found = {}
+    for run in sorted(work.glob("ours-*/run.json")):
+        info = json.loads(run.read_text())
+        found[run.parent.name] = {"laps": info["seconds"], "pool": info.get("stages", {})}
+    if found:
+        names = sorted({k for f in found.values() for k in f["laps"] if k != "total"},
+                       key=["scan", "decode", "dihedral", "dedup+folds", "write", "checksums"].index)
+        print("\n| build (last run) | " + " | ".join(names) + " | total |")
+        print("|---|" + "---:|" * (len(names) + 1))
+        for build, f in found.items():
+            cells = [f"{f['laps'][k]:.2f} s ({n_images / f['laps'][k]:,.0f}/s)" if f["laps"].get(k) else "-"
+                     for k in names]
+            print(f"| {build} | " + " | ".join(cells) + f" | {f['laps']['total']:.2f} s |")
+        print("\npool passes (seconds): " + "; ".join(
+            f"{b}: " + ", ".join(f"{k} {v:.2f}" for k, v in f["pool"].items()) for b, f in found.items()))
+    return found
 
 
 def memory_scaling(work: Path, sizes: list[int], shard: int) -> dict[int, float]:
