@@ -17,6 +17,7 @@ import json
 import mmap
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -347,7 +348,8 @@ class ArrayReader:
         if self._mapped():
             rows = np.arange(start, min(stop, len(self)))
             return self.take(rows, np.empty((len(rows), *self.shape), np.uint8))
-        return np.asarray(self._group()[f"{self.split}/x"][start:stop])
+        with self._library_errors():
+            return np.asarray(self._group()[f"{self.split}/x"][start:stop])
 
     def take(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Images of store rows `rows` (any order, repeats allowed) into `out`."""
@@ -356,8 +358,19 @@ class ArrayReader:
             return gather(blocks, rows // per, rows % per, out)
         x = self._group()[f"{self.split}/x"]
         unique, inverse = np.unique(rows, return_inverse=True)  # both libraries want increasing, distinct rows
-        picked = x.get_orthogonal_selection((unique,)) if self.kind == "zarr" else x[unique]
+        with self._library_errors():
+            picked = x.get_orthogonal_selection((unique,)) if self.kind == "zarr" else x[unique]
         return np.take(picked, inverse, axis=0, out=out, mode="clip")  # clip: rows are valid, and out unbuffered
+
+    @contextmanager
+    def _library_errors(self) -> Iterator[None]:
+        """zarr reports a shard index that fails its crc32c as a bare ValueError: name the store instead."""
+        try:
+            yield
+        except ValueError as exc:
+            if self.kind != "zarr" or "checksum" not in str(exc):
+                raise
+            raise ShardError(f"{self.path}: zarr cannot read {self.split}/x ({exc}); rebuild it") from None
 
     def _mapped(self) -> bool:
         """Whether rows come from mapped chunks (HDF5) or shards (Zarr), mapping them on first use."""
