@@ -359,7 +359,10 @@ class ArrayReader:
         x = self._group()[f"{self.split}/x"]
         unique, inverse = np.unique(rows, return_inverse=True)  # both libraries want increasing, distinct rows
         with self._library_errors():
-            picked = x.get_orthogonal_selection((unique,)) if self.kind == "zarr" else x[unique]
+            if len(unique) and unique[-1] - unique[0] + 1 == len(unique):  # a run of rows (verify): a slice is
+                picked = x[int(unique[0]) : int(unique[-1]) + 1]  # ~8x faster than zarr's integer selection
+            else:
+                picked = x.get_orthogonal_selection((unique,)) if self.kind == "zarr" else x[unique]
         return np.take(picked, inverse, axis=0, out=out, mode="clip")  # clip: rows are valid, and out unbuffered
 
     @contextmanager

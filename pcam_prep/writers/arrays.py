@@ -26,10 +26,11 @@ from ..files import tmp_path
 
 # zarr and h5py are imported where used: a wds-only build never pays for them (~0.3 s).
 
-# Images per inner chunk of a Zarr shard (at most; it must divide the shard). Inner chunks are
-# uncompressed: Blosc-LZ4 saved 0.1 % on these patches and costs a decode per row. 16 rather
-# than 1 image: zarr writes and reads each inner chunk through its codec pipeline, so 1-image
-# chunks halved the write rate and cut stock zarr's sequential reads (verify, stats) ~6x.
+# Images per inner chunk of a Zarr shard (at most; it must divide the shard). Uncompressed: on
+# the synthetic patches Blosc-LZ4 per image came out 0.1 % larger and halved the loader's rate
+# (a decode per row). 16 rather than 1 image: zarr encodes and reads each inner chunk through
+# its codec pipeline, so 1-image chunks wrote at half the rate and cut stock zarr's sequential
+# reads (verify, stats) ~6x; ArrayReader's mapped rows do not care (README "Zarr layout").
 ZARR_INNER_ROWS = 16
 # HDF5 filters every reader has built in. Measured on 96x96 patches: lzf ~360 us/image for a
 # ratio of ~1.0 and gzip is slower still, so the default is none; readers such as
