@@ -248,46 +248,87 @@ def zarr_sharding(meta: dict) -> tuple[int, int] | None:
     return (shard[0], inner[0]) if ours else None
 
 
-def check_zarr_shard(path: Path, data: np.ndarray, rows: int, per: tuple[int, int], image_bytes: int) -> None:
-    """A mapped shard file holds `rows` images in exactly the layout `zarr_sharding` describes, its index intact."""
+def check_zarr_shard(path: Path, size: int, tail: np.ndarray, rows: int, per: tuple[int, int],
+                     image_bytes: int) -> None:
+    """A shard file of `size` bytes ending in `tail` holds `rows` images as `zarr_sharding` describes, index intact."""
     import google_crc32c  # a dependency of zarr itself
 
     shard, inner = per
     used, entries, chunk_bytes = -(-rows // inner), shard // inner, inner * image_bytes  # the last used one is padded
-    index_bytes = 16 * entries + 4
-    if data.size != used * chunk_bytes + index_bytes:
-        raise ShardError(f"{path}: {data.size} bytes, expected {used * chunk_bytes + index_bytes} for {rows} images "
+    if size != used * chunk_bytes + len(tail):
+        raise ShardError(f"{path}: {size} bytes, expected {used * chunk_bytes + len(tail)} for {rows} images "
                          "in uncompressed inner chunks; rebuild or run `pcam-prep verify`")
-    index = data[-index_bytes:]
-    if google_crc32c.value(index[:-4].tobytes()) != int.from_bytes(index[-4:].tobytes(), "little"):
+    if google_crc32c.value(tail[:-4].tobytes()) != int.from_bytes(tail[-4:].tobytes(), "little"):
         raise ShardError(f"{path}: the shard index fails its crc32c check; rebuild or run `pcam-prep verify`")
-    found = index[:-4].view("<u8").reshape(entries, 2)
+    found = tail[:-4].view("<u8").reshape(entries, 2)
     offsets = np.arange(used, dtype=np.uint64) * np.uint64(chunk_bytes)
     if not ((found[:used, 0] == offsets).all() and (found[:used, 1] == chunk_bytes).all()
             and (found[used:] == _ABSENT).all()):
         raise ShardError(f"{path}: inner chunks are not stored in order and whole, as `build` writes them")
 
 
-def mapped_zarr_shards(folder: Path, meta: dict) -> tuple[list[np.ndarray], int] | None:
-    """A Zarr `x` array's shards as memory-mapped (rows, H, W, 3) arrays, and rows per shard; None if not ours.
+@dataclass(frozen=True)
+class ZarrShards:
+    """The shard files of a Zarr `x` array in the layout `build` writes (see `zarr_sharding`).
 
     zarr reads every inner chunk through its codec pipeline (~0.7 ms a row measured, shuffled);
-    the layout `build` writes keeps a shard's rows as plain bytes, so they are mapped and
-    gathered like shards, once each file's index is checked. Other layouts use zarr.
+    in this layout a shard's rows are plain bytes, so they are mapped and gathered like tar
+    shards, or read with pread, once each file's size and index are checked.
     """
-    per = zarr_sharding(meta)
-    n, image = meta["shape"][0], tuple(meta["shape"][1:])
-    if per is None or not n:
-        return None
-    blocks, image_bytes = [], int(np.prod(image))
-    for i in range(-(-n // per[0])):
-        path = folder.joinpath("c", str(i), *["0"] * len(image))
+
+    folder: Path  # the array's folder, {split}/x
+    count: int  # images
+    image: tuple[int, ...]
+    per: tuple[int, int]  # rows per shard, rows per inner chunk
+
+    @classmethod
+    def open(cls, folder: Path) -> ZarrShards | None:
+        """The layout of `folder/zarr.json`, or None when it is not the one `build` writes (read through zarr)."""
+        meta = json.loads((folder / "zarr.json").read_text())
+        per = zarr_sharding(meta)
+        return cls(folder, meta["shape"][0], tuple(meta["shape"][1:]), per) if per and meta["shape"][0] else None
+
+    @property
+    def image_bytes(self) -> int:
+        return int(np.prod(self.image))
+
+    def path(self, shard: int) -> Path:
+        path = self.folder.joinpath("c", str(shard), *["0"] * len(self.image))
         if not path.is_file():
             raise ShardError(f"{path}: missing; rebuild or run `pcam-prep verify`")
-        data, rows = _open_map(path), min(per[0], n - i * per[0])
-        check_zarr_shard(path, data, rows, per, image_bytes)
-        blocks.append(data[: rows * image_bytes].reshape(rows, *image))
-    return blocks, per[0]
+        return path
+
+    def rows(self, shard: int) -> int:
+        return min(self.per[0], self.count - shard * self.per[0])
+
+    def mapped(self) -> list[np.ndarray]:
+        """Every shard as a memory-mapped (rows, H, W, 3) array, each file's size and index checked."""
+        blocks, tail = [], 16 * (self.per[0] // self.per[1]) + 4
+        for shard in range(-(-self.count // self.per[0])):
+            path, rows = self.path(shard), self.rows(shard)
+            data = _open_map(path)
+            check_zarr_shard(path, data.size, data[-tail:], rows, self.per, self.image_bytes)
+            blocks.append(data[: rows * self.image_bytes].reshape(rows, *self.image))
+        return blocks
+
+    def read(self, start: int, stop: int, checked: set[int]) -> np.ndarray:
+        """Rows [start, stop) read with pread (memory stays at those rows); shards not in `checked` are checked first."""
+        stop, per, nbytes = min(stop, self.count), self.per[0], self.image_bytes
+        out = np.empty((max(0, stop - start), *self.image), np.uint8)
+        flat, row = out.reshape(len(out), nbytes), start
+        while row < stop:
+            shard, end = row // per, min(stop, (row // per + 1) * per)
+            path = self.path(shard)
+            with open(path, "rb", buffering=0) as fh:
+                if shard not in checked:
+                    size, tail = os.fstat(fh.fileno()).st_size, 16 * (per // self.per[1]) + 4
+                    index = np.frombuffer(os.pread(fh.fileno(), tail, max(0, size - tail)), np.uint8)
+                    check_zarr_shard(path, size, index, self.rows(shard), self.per, nbytes)
+                    checked.add(shard)
+                fh.seek((row - shard * per) * nbytes)
+                fh.readinto(flat[row - start : end - start])  # the size check above: the rows are all there
+            row = end
+        return out
 
 
 def gather(blocks: list[np.ndarray], block_of: np.ndarray, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -303,7 +344,8 @@ class ArrayReader:
     The handle is opened lazily and again after a fork, and never pickled: readers travel to
     Dask and DataLoader workers as a path. `mapped=True` gathers rows from a memory map of
     unfiltered HDF5 chunks or of the Zarr shards `build` writes; otherwise (and for any other
-    layout) rows are read through the library, zarr or h5py.
+    layout) `take` reads through the library, zarr or h5py, and `range` of those Zarr shards
+    uses pread.
     """
 
     def __init__(self, path: Path, kind: str, split: str, mapped: bool = True) -> None:
@@ -313,6 +355,8 @@ class ArrayReader:
         self.mapped = mapped  # False: read through zarr / h5py, as other readers do (verify)
         self._handle, self._pid = None, os.getpid()
         self._chunks: tuple[list[np.ndarray], int] | bool | None = None  # mapped chunks or shards; False: not mappable
+        self._shards: ZarrShards | bool | None = None  # for unmapped Zarr ranges; False: not the layout build writes
+        self._checked: set[int] = set()  # Zarr shards whose index `range` has checked
 
     def _group(self):
         if self._handle is not None and self._pid != os.getpid():  # a forked worker: own handle
@@ -344,10 +388,18 @@ class ArrayReader:
         return values.astype(np.uint8) if name == "y" else values
 
     def range(self, start: int, stop: int) -> np.ndarray:
-        """Images of rows [start, stop)."""
+        """Images of rows [start, stop).
+
+        Unmapped, the Zarr layout `build` writes is read with pread (stats reads every row in
+        runs: zarr's per-inner-chunk pipeline halved its rate); other layouts through zarr.
+        """
         if self._mapped():
             rows = np.arange(start, min(stop, len(self)))
             return self.take(rows, np.empty((len(rows), *self.shape), np.uint8))
+        if self.kind == "zarr" and self._shards is None:
+            self._shards = ZarrShards.open(self.path / self.split / "x") or False
+        if self._shards:
+            return self._shards.read(start, stop, self._checked)
         with self._library_errors():
             return np.asarray(self._group()[f"{self.split}/x"][start:stop])
 
@@ -382,8 +434,8 @@ class ArrayReader:
             if self.kind == "hdf5":
                 self._chunks = mapped_hdf5_chunks(group[f"{self.split}/x"]) or False
             else:
-                folder = self.path / self.split / "x"
-                self._chunks = mapped_zarr_shards(folder, json.loads((folder / "zarr.json").read_text())) or False
+                shards = ZarrShards.open(self.path / self.split / "x")
+                self._chunks = (shards.mapped(), shards.per[0]) if shards else False
         return bool(self._chunks)
 
     def __getstate__(self) -> dict:

@@ -56,9 +56,11 @@ def test_array_reader_gives_stock_zarrs_rows_for_random_indices(sharded: Path) -
     assert reader._chunks, "the shards should be memory-mapped, not read through zarr"
     np.testing.assert_array_equal(got, np.stack([x[int(r)] for r in rows]))
     np.testing.assert_array_equal(reader.range(60, 150), x[60:150])
-    through_zarr = ArrayReader(sharded / "pcam.zarr", "zarr", "train", mapped=False)
-    np.testing.assert_array_equal(through_zarr.take(rows, np.empty_like(got)), got)
-    assert through_zarr._chunks is None
+    unmapped = ArrayReader(sharded / "pcam.zarr", "zarr", "train", mapped=False)
+    np.testing.assert_array_equal(unmapped.take(rows, np.empty_like(got)), got)  # through zarr (verify)
+    assert unmapped._chunks is None
+    np.testing.assert_array_equal(unmapped.range(60, 200), x[60:150])  # pread, across shards, clipped (stats)
+    assert unmapped._shards and unmapped._checked == {0, 1, 2}
 
 
 def test_loader_and_resident_split_read_the_shards_pixels(sharded: Path) -> None:
@@ -109,6 +111,10 @@ def test_a_shard_file_of_the_wrong_size_is_refused_naming_it(sharded: Path, tmp_
     shard.write_bytes(shard.read_bytes()[:-16])
     with pytest.raises(ShardError, match=r"c/2/0/0/0: \d+ bytes, expected \d+ for 22 images"):
         open_source(out, "train", None, "zarr").take(np.array([0]))
+    unmapped = ArrayReader(out / "pcam.zarr", "zarr", "train", mapped=False)
+    assert unmapped.range(0, 128).shape == (128, 96, 96, 3)  # shards 0 and 1 are whole
+    with pytest.raises(ShardError, match=r"c/2/0/0/0: \d+ bytes, expected"):
+        unmapped.range(120, 130)
 
 
 def test_a_store_in_another_layout_is_read_through_zarr(sharded: Path, tmp_path: Path) -> None:
