@@ -105,9 +105,14 @@ def check_samples(split: str, sources: dict[str, Source], sample: int | None, se
     rows = _rows(len(first), sample, seed)
     for done, start in enumerate(range(0, len(rows), CHUNK), start=1):
         index = rows[start : start + CHUNK]
-        reference = first.take(index)
+        try:
+            pixels = {name: sources[name].take(index) for name in names}
+        except PcamPrepError as exc:  # e.g. a Zarr shard whose index fails its checksum
+            report.problems.append(f"{split}: {exc}")
+            return
+        reference = pixels[names[0]]
         for name in names[1:]:
-            bad = np.flatnonzero((sources[name].take(index) != reference).reshape(len(index), -1).any(axis=1))
+            bad = np.flatnonzero((pixels[name] != reference).reshape(len(index), -1).any(axis=1))
             for row in index[bad][:5]:
                 report.problems.append(f"{split}: pixels of sample {first.ids[row]} (row {row}) differ between "
                                        f"{names[0]} and {name}")

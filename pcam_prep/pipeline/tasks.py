@@ -63,13 +63,16 @@ def piece_plan(shape, ids: list[str], labels: np.ndarray | None, sources: RowSou
 
 
 def write_zarr_piece(
-    store: str, split: str, start: int, shape: tuple[int, int, int], sources: RowSource, chunk_rows: int
+    store: str, split: str, start: int, shape: tuple[int, int, int], sources: RowSource, shard_rows: int
 ) -> PieceResult:
-    rows = max(chunk_rows, BLOCK_ROWS // chunk_rows * chunk_rows)  # whole chunks per write
+    """Rows [start, start+len(sources)) of `{split}/x`: whole shard files, which no other piece touches."""
+    if start % shard_rows:
+        raise ValueError(f"a Zarr piece must start on a shard boundary ({shard_rows} rows), got row {start}")
+    rows = max(shard_rows, BLOCK_ROWS // shard_rows * shard_rows)  # whole shards per write
     for offset, images in sources.blocks(shape, rows):
         arrays.write_zarr_rows(Path(store), split, start + offset, images)
-    chunks = range(start // chunk_rows, -(-(start + len(sources)) // chunk_rows))
-    files = arrays.chunk_files(Path(store), split, chunks)
+    shards = range(start // shard_rows, -(-(start + len(sources)) // shard_rows))
+    files = arrays.chunk_files(Path(store), split, shards)
     digests = {rel: sha256_file(Path(store) / rel) for rel in files}  # hashed here, in parallel
     return PieceResult("zarr", split, store, len(sources), None, digests)
 

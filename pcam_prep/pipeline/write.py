@@ -54,11 +54,12 @@ def write_outputs(executor: Executor, out: Path, found: Analysis, config: BuildC
     tasks, units, zarr_tmp = [], [], None
     if "zarr" in config.formats:
         zarr_tmp = arrays.create_zarr(out / ZARR_NAME, {s: len(f) for s, f in frames.items()}, shape, config.chunk_rows)
-        step = config.chunk_rows * max(1, 2048 // config.chunk_rows)
         for split, frame in frames.items():
             arrays.write_zarr_columns(zarr_tmp, split, _columns(frame, specs[split]))
-            tasks += [(write_zarr_piece, (str(zarr_tmp), split, s, shape, rows[split].part(s, s + step),
-                                          config.chunk_rows)) for s in range(0, len(frame), step)]
+            shard = arrays.zarr_shard_rows(config.chunk_rows, len(frame))
+            step = shard * max(1, 2048 // shard)  # whole shard files per piece: one writer per file
+            tasks += [(write_zarr_piece, (str(zarr_tmp), split, s, shape, rows[split].part(s, s + step), shard))
+                      for s in range(0, len(frame), step)]
             units += [min(step, len(frame) - s) for s in range(0, len(frame), step)]
     if "hdf5" in config.formats:
         columns = {split: (len(frame), _columns(frame, specs[split])) for split, frame in frames.items()}
