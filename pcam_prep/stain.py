@@ -43,22 +43,27 @@ XYZ_FROM_RGB = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.
 WHITE_D65 = np.array([0.95047, 1.0, 1.08883])
 
 
+_OD_OF_BYTE = -np.log((np.arange(256) + 1) / 256)  # uint8 images: a table lookup instead of a log per pixel
+
+
 def optical_density(rgb: np.ndarray) -> np.ndarray:
     """uint8 (or 0-255 float) RGB -> optical density -log((I + 1) / 256): 0 for white, finite for black."""
-    return -np.log((np.asarray(rgb, np.float64) + 1) / 256)
+    rgb = np.asarray(rgb)
+    return _OD_OF_BYTE[rgb] if rgb.dtype == np.uint8 else -np.log((rgb.astype(np.float64) + 1) / 256)
 
 
 def tissue_pixels(rgb: np.ndarray) -> np.ndarray:
     """(..., 3) uint8 -> (...) bool: saturated (>= 0.07), not dark and not transparent pixels."""
-    unit = np.asarray(rgb, np.float64) / 255
-    hi, lo = unit.max(-1), unit.min(-1)
+    rgb = np.asarray(rgb, np.uint8)
+    hi, lo = rgb.max(-1) / 255, rgb.min(-1) / 255
     saturation = np.divide(hi - lo, hi, out=np.zeros_like(hi), where=hi > 0)
     return (saturation >= TISSUE_SATURATION) & (hi >= DARK) & (optical_density(rgb).sum(-1) >= MIN_OD)
 
 
-def has_tissue(images: np.ndarray) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> (N,) bool: at least MIN_TISSUE_SHARE of the pixels are tissue."""
-    return tissue_pixels(images).reshape(len(images), -1).mean(1) >= MIN_TISSUE_SHARE
+def has_tissue(images: np.ndarray, pixels: np.ndarray | None = None) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N,) bool: at least MIN_TISSUE_SHARE of the pixels are tissue (`pixels`: their mask)."""
+    pixels = tissue_pixels(images) if pixels is None else pixels
+    return pixels.reshape(len(images), -1).mean(1) >= MIN_TISSUE_SHARE
 
 
 def macenko_stains(od: np.ndarray) -> np.ndarray | None:
@@ -102,8 +107,10 @@ def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
 
 def tissue_of(images: np.ndarray) -> np.ndarray:
     """(P, 3) uint8 tissue pixels of the tissue patches among `images` (N, H, W, 3)."""
-    images = np.asarray(images, np.uint8)[has_tissue(images)]
-    return images[tissue_pixels(images)]
+    images = np.asarray(images, np.uint8)
+    pixels = tissue_pixels(images)
+    keep = has_tissue(images, pixels)
+    return images[keep][pixels[keep]]
 
 
 def fit_reference(images: np.ndarray, method: str, what: str, seed: int = 0) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import pytest
 import tifffile
 import torch
 from click.testing import CliRunner
+from skimage import color as skimage_color
 
 from pcam_prep import PcamPrepError
 from pcam_prep import stain
@@ -36,7 +37,6 @@ from pcam_prep.train.stain import (
     tissue_mask,
 )
 
-skimage_color = pytest.importorskip("skimage.color")
 CPU = torch.device("cpu")
 DEVICES = [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 
@@ -273,3 +273,59 @@ def test_predict_applies_the_checkpoints_stain_reference(built: Path, tmp_path: 
         assert result.exit_code == 0, result.output
         probs[name] = np.loadtxt(out, delimiter=",", skiprows=1, usecols=2)
     assert np.abs(probs["stain"] - probs["plain"]).max() > 1e-4  # the reference changes what the model sees
+
+
+def _restain(images: np.ndarray, gains: tuple[float, float, float]) -> np.ndarray:
+    """Another lab's stain: optical density scaled per channel (changes both stain hue and amount)."""
+    od = stain.optical_density(images) * np.array(gains)
+    return np.clip(np.round(256 * np.exp(-od) - 1), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def lab_shift(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """`stats` of one synthetic folder as written, and with its test split restained."""
+    from pcam_prep.eda import EdaOptions, collect
+    from pcam_prep.synth import write_kaggle
+
+    found = {}
+    for name in ("same", "shifted"):
+        root = tmp_path_factory.mktemp(f"stain-{name}")
+        write_kaggle(root, 90, 60, seed=4)
+        if name == "shifted":
+            for path in (root / "test").glob("*.tif"):
+                tifffile.imwrite(path, _restain(tifffile.imread(path), (1.3, 0.85, 1.15)))
+        found[name] = collect(root, EdaOptions(workers=1, stain_sample=64, seed=2)).summary["stain"]
+    return found
+
+
+def test_stats_stain_object_per_split_and_fold(lab_shift: dict[str, dict]) -> None:
+    same = lab_shift["same"]
+    assert set(same["splits"]) == {"train", "test"} and same["basis"]["from"] == "train sample (Macenko)"
+    assert set(same["train_folds"]) == {"0", "1", "2", "3", "4"}
+    assert sum(f["patches"] for f in same["train_folds"].values()) == same["splits"]["train"]["patches"] == 64
+    for part in [*same["splits"].values(), *same["train_folds"].values()]:
+        assert np.isclose(np.linalg.norm(part["H"]), 1, atol=1e-3) and part["H"][0] > part["E"][0]
+        pct = part["concentration_percentiles"]
+        assert pct["H"]["p1"] <= pct["H"]["p50"] <= pct["H"]["p99"]
+
+
+def test_stats_sees_a_restained_test_split(lab_shift: dict[str, dict]) -> None:
+    angle = {name: found["splits"]["test"]["angle_to_train_deg"] for name, found in lab_shift.items()}
+    print(f"\nangle to train: {angle}")
+    assert max(angle["same"].values()) < 2.5  # synth draws train and test from one stain distribution
+    assert max(angle["shifted"].values()) > 2 * max(angle["same"].values())
+    median = {name: found["splits"]["test"]["concentration_percentiles"]["H"]["p50"] /
+              found["splits"]["train"]["concentration_percentiles"]["H"]["p50"] for name, found in lab_shift.items()}
+    assert abs(median["same"] - 1) < abs(median["shifted"] - 1)
+
+
+def test_stats_report_draws_the_stain_figure_and_can_skip_it(built: Path, tmp_path: Path) -> None:
+    from pcam_prep.cli.stats import stats
+
+    result = CliRunner().invoke(stats, [str(built), "--report", str(tmp_path / "report"), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "report" / "stain.png").read_bytes().startswith(b"\x89PNG")
+    assert 'src="stain.png"' in (tmp_path / "report" / "index.html").read_text()
+    assert "angle to train H/E" in result.output
+    result = CliRunner().invoke(stats, [str(built), "--json", "--stain-sample", "0", "--workers", "1"])
+    assert result.exit_code == 0 and '"stain": null' in result.output

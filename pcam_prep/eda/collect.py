@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from ..schema import DUPLICATES_NAME, HDF5_NAME, MANIFEST_NAME, REJECTS_NAME, ZA
 from ..sources.base import stamps_of
 from ..sources.kaggle import KaggleLayout, resolve_layout
 from ..sources.validate import load_images
+from .stain_stats import SplitStain, collect_stain
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ class EdaOptions:
     workers: int | None = None  # parallel workers; default: one per core
     scheduler: str | None = None  # threads | processes | sync | tcp:// address (see Executor)
     samples_per_label: int = 0  # train patches to pick per label for the report grid (0: none)
-    seed: int = 0  # which patches the grid shows
+    seed: int = 0  # which patches the grid shows (and which the stain statistics sample)
+    stain_sample: int = 256  # patches per split the stain statistics sample (0: none)
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class Eda:
     duplicates: pd.DataFrame  # kept, dropped, kind
     sources: KaggleLayout | None  # where the source tifs are, if they can still be found
     note: str = ""  # why `sources` is None
+    stain: dict[str, SplitStain] = field(default_factory=dict)  # split -> per-patch stain arrays for the figure
 
 
 @dataclass(frozen=True)
@@ -125,8 +128,11 @@ def collect(target: Path, options: EdaOptions = EdaOptions(), progress: Progress
     train_blocks = [b for b in found.blocks if b.split == "train"]
     samples = {label: read_rows(train_blocks, picked) for label, picked in rows.items()}
     summary = summarise(found.manifest, saturation, labels)
-    summary = {"target": str(target.resolve()), "kind": "built" if built else "raw", "source": found.source, **summary}
-    return Eda(summary, hist, saturation, labels, samples, found.rejects, found.duplicates, found.sources, found.note)
+    stain, stain_arrays = collect_stain(found.manifest, found.blocks, read_rows, options.stain_sample, options.seed)
+    summary = {"target": str(target.resolve()), "kind": "built" if built else "raw", "source": found.source, **summary,
+               "stain": stain}
+    return Eda(summary, hist, saturation, labels, samples, found.rejects, found.duplicates, found.sources, found.note,
+               stain_arrays)
 
 
 def target_kind(target: Path) -> str:
@@ -281,10 +287,16 @@ def read_rows(blocks: list[Block], rows: np.ndarray) -> np.ndarray:
         return np.zeros((0, 96, 96, 3), np.uint8)
     ends = np.cumsum([len(b) for b in blocks])
     images = np.empty((len(rows), *blocks[0].shape), np.uint8)
-    for i, row in enumerate(rows):
-        k = int(np.searchsorted(ends, row, side="right"))
-        local = int(row - (ends[k - 1] if k else 0))
-        images[i] = block_reader(blocks[k])(local, local + 1)[0][0]
+    which = np.searchsorted(ends, rows, side="right")
+    for k in np.unique(which).tolist():  # one reader per block, not one per row (the stain sample reads hundreds)
+        read, picked = block_reader(blocks[k]), np.flatnonzero(which == k)
+        local = rows[picked] - (int(ends[k - 1]) if k else 0)
+        lo, hi = int(local.min()), int(local.max()) + 1
+        if hi - lo <= 16 * len(picked):  # dense: one range read beats a chunk decode per row
+            images[picked] = read(lo, hi)[0][local - lo]
+            continue
+        for i, row in zip(picked.tolist(), local.tolist()):
+            images[i] = read(row, row + 1)[0][0]
     return images
 
 
