@@ -275,25 +275,22 @@ def test_predict_applies_the_checkpoints_stain_reference(built: Path, tmp_path: 
     assert np.abs(probs["stain"] - probs["plain"]).max() > 1e-4  # the reference changes what the model sees
 
 
-def _restain(images: np.ndarray, gains: tuple[float, float, float]) -> np.ndarray:
-    """Another lab's stain: optical density scaled per channel (changes both stain hue and amount)."""
-    od = stain.optical_density(images) * np.array(gains)
-    return np.clip(np.round(256 * np.exp(-od) - 1), 0, 255).astype(np.uint8)
-
-
 @pytest.fixture(scope="module")
 def lab_shift(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    """`stats` of one synthetic folder as written, and with its test split restained."""
+    """`stats` of one synthetic folder as written, and with its test split restained (pipelines/restain.py)."""
+    import subprocess
+    import sys
+
     from pcam_prep.eda import EdaOptions, collect
     from pcam_prep.synth import write_kaggle
 
+    script = Path(__file__).resolve().parents[1] / "pipelines" / "restain.py"
     found = {}
     for name in ("same", "shifted"):
         root = tmp_path_factory.mktemp(f"stain-{name}")
         write_kaggle(root, 90, 60, seed=4)
         if name == "shifted":
-            for path in (root / "test").glob("*.tif"):
-                tifffile.imwrite(path, _restain(tifffile.imread(path), (1.3, 0.85, 1.15)))
+            subprocess.run([sys.executable, str(script), str(root), "--split", "test"], check=True, timeout=120)
         found[name] = collect(root, EdaOptions(workers=1, stain_sample=64, seed=2)).summary["stain"]
     return found
 
@@ -329,3 +326,11 @@ def test_stats_report_draws_the_stain_figure_and_can_skip_it(built: Path, tmp_pa
     assert "angle to train H/E" in result.output
     result = CliRunner().invoke(stats, [str(built), "--json", "--stain-sample", "0", "--workers", "1"])
     assert result.exit_code == 0 and '"stain": null' in result.output
+
+
+@pytest.mark.slow
+def test_resume_refuses_another_stain_reference(built: Path, tmp_path: Path) -> None:
+    run = ["train", "--shards", str(built), "--out", str(tmp_path / "run"), *TINY]
+    assert CliRunner().invoke(main, run).exit_code == 0
+    result = CliRunner().invoke(main, [*run, "--epochs", "2", "--resume", "--stain-norm", "macenko"])
+    assert result.exit_code == 1 and "stain_norm 'none' -> 'macenko'" in result.output

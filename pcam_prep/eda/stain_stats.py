@@ -167,7 +167,11 @@ def plot_stain(summary: dict[str, Any], arrays: dict[str, SplitStain], path: Pat
     chroma.legend(fontsize=7, loc="best")
     basis = summary["basis"]["from"]
     amounts.set(title="median stain amount per patch", xlabel=f"haematoxylin (basis: {basis})", ylabel="eosin")
-    if any(len(p.median_conc) for p in arrays.values()):
+    medians = [p.median_conc for p in arrays.values() if len(p.median_conc)]
+    if medians:
+        lo, hi = np.percentile(np.concatenate(medians), [0.5, 99.5], axis=0)  # a stray patch does not squash the rest
+        pad = 0.1 * (hi - lo) + 1e-3
+        amounts.set(xlim=(lo[0] - pad[0], hi[0] + pad[0]), ylim=(lo[1] - pad[1], hi[1] + pad[1]))
         amounts.legend(fontsize=8, loc="best")
     angles = [f"{split}: H {p['angle_to_train_deg']['H']}°, E {p['angle_to_train_deg']['E']}°"
               for split, p in summary["splits"].items() if "angle_to_train_deg" in p]
