@@ -22,16 +22,20 @@ from .common import SCHEDULER_HELP, Bars, friendly_errors, qc_lines
 @click.option("--scheduler", help=SCHEDULER_HELP)
 @click.option("--sample-per-label", type=click.IntRange(min=1), default=16, show_default=True,
               help="Patches per label in the report's sample grid.")
+@click.option("--stain-sample", type=click.IntRange(min=0), default=256, show_default=True,
+              help="Patches per split sampled for the stain statistics (Macenko vectors, concentrations); 0: none.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for picking the sample patches.")
 @friendly_errors
 def stats(target: Path, as_json: bool, report: Path | None, run: Path | None, workers: int | None,
-          scheduler: str | None, sample_per_label: int, seed: int) -> None:
-    """Describe a dataset: counts, folds, label balance, mean/std, rejects, duplicates, background.
+          scheduler: str | None, sample_per_label: int, stain_sample: int, seed: int) -> None:
+    """Describe a dataset: counts, folds, label balance, mean/std, rejects, duplicates, background, stain.
 
     TARGET is a built folder (read through its manifest.json and arrays) or a raw Kaggle-layout
     folder (its root or its train/ folder), which is decoded, validated, de-duplicated and
     fold-assigned exactly as `build` would with default settings (5 folds, seed 0), writing
-    nothing. A patch counts as background when its mean HSV saturation is below 0.07.
+    nothing. A patch counts as background when its mean HSV saturation is below 0.07. Stain:
+    Macenko H and E vectors and concentration percentiles per split (and train fold), from a
+    seeded sample of --stain-sample patches per split.
 
     \b
     Example:
@@ -43,7 +47,7 @@ def stats(target: Path, as_json: bool, report: Path | None, run: Path | None, wo
 
     if run is not None and report is None:
         raise click.UsageError("--run RUN only adds figures to a report: pass --report DIR too")
-    options = EdaOptions(workers, scheduler, sample_per_label if report else 0, seed)
+    options = EdaOptions(workers, scheduler, sample_per_label if report else 0, seed, stain_sample)
     bars = Bars("img")
     eda = collect(target, options, progress=bars)
     bars.close()
@@ -59,7 +63,8 @@ def format_stats(summary: dict[str, Any]) -> str:
     """The stats object as aligned plain-text tables."""
     head = (f"{summary['target']}  ({summary['kind']}, read from {summary['source']})\n"
             f"image shape  {' x '.join(map(str, summary['image_shape']))}")
-    return "\n\n".join([head, _splits(summary), _folds(summary), _channels(summary), _problems(summary)])
+    parts = [head, _splits(summary), _folds(summary), _channels(summary), _problems(summary)]
+    return "\n\n".join(parts + ([format_stain(summary["stain"])] if summary.get("stain") else []))
 
 
 def _row(name: str, count: Any = "", negatives: Any = "", positives: Any = "", share: Any = "", bg: Any = "") -> str:
@@ -109,6 +114,29 @@ def _problems(summary: dict[str, Any]) -> str:
         *qc_lines(summary.get("qc")),
         f"background: {summary['background']['rule']}",
     ])
+
+
+def format_stain(stain: dict[str, Any]) -> str:
+    """One line per split: tissue patches, mean H and E OD vectors, concentration p1/p50/p99, angle to train."""
+    lines = [f"stain (Macenko; {stain['sample_per_split']:,} sampled patches per split, seed {stain['seed']}; "
+             f"concentrations in the basis of the {stain['basis']['from']})",
+             f"{'split':<10}{'tissue':>8}  {'H vector (R,G,B OD)':<22}{'E vector':<22}{'H p1/p50/p99':<20}"
+             f"{'E p1/p50/p99':<20}angle to train H/E"]
+    for name, part in stain["splits"].items():
+        pct = part["concentration_percentiles"] or {}
+        angle = part.get("angle_to_train_deg")
+        lines.append(f"{name:<10}{part['tissue_patches']:>8,}  {_vector(part['H']):<22}{_vector(part['E']):<22}"
+                     f"{_percentiles(pct.get('H')):<20}{_percentiles(pct.get('E')):<20}"
+                     + (f"{angle['H']}° / {angle['E']}°" if angle and angle["H"] is not None else ""))
+    return "\n".join(lines)
+
+
+def _vector(values: list[float] | None) -> str:
+    return "-" if values is None else ",".join(f"{v:.2f}" for v in values)
+
+
+def _percentiles(values: dict[str, float] | None) -> str:
+    return "-" if values is None else "/".join(f"{v:.2f}" for v in values.values())
 
 
 def _pct(share: float | None) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from ..loader import FORMATS
-from ..train.config import ARCHS, DEVICES, OPTIMIZERS, PredictConfig, TrainConfig
+from ..train.config import ARCHS, DEVICES, OPTIMIZERS, STAIN_AUGMENTS, STAIN_NORMS, PredictConfig, TrainConfig
 from .common import Bars, friendly_errors
 
 
@@ -79,6 +79,13 @@ device_option = click.option("--device", type=click.Choice(DEVICES), default="au
 @click.option("--unfreeze-after", type=int, help="With --freeze-backbone: train everything from epoch E+1 on.")
 @click.option("--lr-backbone", type=float, help="Peak learning rate of the backbone  [default: --lr]")
 @_opt(TrainConfig, "--optimizer", click.Choice(OPTIMIZERS), "adamw, or sgd with Nesterov momentum 0.9.")
+@_opt(TrainConfig, "--stain-norm", click.Choice(STAIN_NORMS), "Map every image's stain onto a reference on the "
+      "device (Macenko stain vectors or Reinhard LAB moments), in train and predict.")
+@click.option("--stain-ref", help="The --stain-norm reference: a train image id, or a .npy/.tif/.png file  "
+                                  "[default: 256 train patches sampled with --seed]")
+@_opt(TrainConfig, "--stain-augment", click.Choice(STAIN_AUGMENTS), "hed: jitter each training image's H, E and "
+      "DAB concentrations (Tellez et al. 2018); tissue pixels only, never at predict time.")
+@_opt(TrainConfig, "--stain-sigma", float, "HED jitter strength: concentration x U(1-s, 1+s) + U(-s, s).")
 @_opt(TrainConfig, "--log-every", int, "Read the loss back for the progress bar every N steps (a GPU sync); "
                                         "the image count moves every step.")
 @friendly_errors
@@ -96,6 +103,7 @@ def train(compile_: bool, **flags: Any) -> None:
       torchrun --nproc_per_node 4 -m pcam_prep train --shards shards/ --arch resnet
       pcam-prep train --shards shards/ --arch timm:resnet18 --init resnet18.safetensors --lr-backbone 2e-4
       pcam-prep train --shards shards/ --arch timm:resnet18 --init resnet18.pth --freeze-backbone --unfreeze-after 2
+      pcam-prep train --shards shards/ --stain-norm macenko --stain-augment hed --stain-sigma 0.05
     """
     from ..train.loop import train as run_train
 

@@ -36,6 +36,7 @@ from ..sources.base import stamps_of
 from ..sources.kaggle import KaggleLayout, resolve_layout
 from ..sources.validate import load_images
 from .qc_page import worst_flagged
+from .stain_stats import SplitStain, collect_stain
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ class EdaOptions:
     workers: int | None = None  # parallel workers; default: one per core
     scheduler: str | None = None  # threads | processes | sync | tcp:// address (see Executor)
     samples_per_label: int = 0  # train patches to pick per label for the report grid (0: none)
-    seed: int = 0  # which patches the grid shows
+    seed: int = 0  # which patches the grid shows (and which the stain statistics sample)
+    stain_sample: int = 256  # patches per split the stain statistics sample (0: none)
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ class Eda:
     qc: pd.DataFrame = field(default_factory=pd.DataFrame)  # qc.csv: per image metrics and flags (empty: none)
     qc_shown: pd.DataFrame = field(default_factory=pd.DataFrame)  # the worst flagged rows (eda.qc_page)
     qc_images: np.ndarray = field(default_factory=lambda: np.zeros((0, 96, 96, 3), np.uint8))  # their pixels
+    stain: dict[str, SplitStain] = field(default_factory=dict)  # split -> per-patch stain arrays for the figure
 
 
 @dataclass(frozen=True)
@@ -133,9 +136,11 @@ def collect(target: Path, options: EdaOptions = EdaOptions(), progress: Progress
     shown = worst_flagged(found.qc)
     qc_images = read_split_rows(found.blocks, shown["split"].to_numpy(), shown["row"].to_numpy())
     summary = summarise(found.manifest, saturation, labels)
-    summary = {"target": str(target.resolve()), "kind": "built" if built else "raw", "source": found.source, **summary}
+    stain, stain_arrays = collect_stain(found.manifest, found.blocks, read_rows, options.stain_sample, options.seed)
+    summary = {"target": str(target.resolve()), "kind": "built" if built else "raw", "source": found.source, **summary,
+               "stain": stain}
     return Eda(summary, hist, saturation, labels, samples, found.rejects, found.duplicates, found.sources, found.note,
-               found.qc, shown, qc_images)
+               found.qc, shown, qc_images, stain_arrays)
 
 
 def target_kind(target: Path) -> str:
@@ -293,10 +298,16 @@ def read_rows(blocks: list[Block], rows: np.ndarray) -> np.ndarray:
         return np.zeros((0, 96, 96, 3), np.uint8)
     ends = np.cumsum([len(b) for b in blocks])
     images = np.empty((len(rows), *blocks[0].shape), np.uint8)
-    for i, row in enumerate(rows):
-        k = int(np.searchsorted(ends, row, side="right"))
-        local = int(row - (ends[k - 1] if k else 0))
-        images[i] = block_reader(blocks[k])(local, local + 1)[0][0]
+    which = np.searchsorted(ends, rows, side="right")
+    for k in np.unique(which).tolist():  # one reader per block, not one per row (the stain sample reads hundreds)
+        read, picked = block_reader(blocks[k]), np.flatnonzero(which == k)
+        local = rows[picked] - (int(ends[k - 1]) if k else 0)
+        lo, hi = int(local.min()), int(local.max()) + 1
+        if hi - lo <= 16 * len(picked):  # dense: one range read beats a chunk decode per row
+            images[picked] = read(lo, hi)[0][local - lo]
+            continue
+        for i, row in zip(picked.tolist(), local.tolist()):
+            images[i] = read(row, row + 1)[0][0]
     return images
 
 

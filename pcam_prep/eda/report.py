@@ -28,6 +28,7 @@ from .collect import Eda
 from .cv_report import CV_CAPTIONS, add_cv_run, is_cv_run
 from .qc_page import CAPTION as QC_CAPTION
 from .qc_page import plot_qc
+from .stain_stats import STAIN_CAPTIONS, plot_stain
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ CAPTIONS = {
     "run_sweep": "Sweep: each trial's best validation AUC against each searched parameter (blue complete, orange "
                  "pruned), and the parameter importances Optuna computed.",
     **CV_CAPTIONS,
+    **STAIN_CAPTIONS,
 }
 
 
@@ -64,6 +66,7 @@ def write_report(eda: Eda, out: Path, run: Path | None = None) -> Path:
     figures += [plot_balance(eda.summary, out / "label_balance.png"),
                 plot_histograms(eda.hist, out / "intensity_histograms.png"),
                 plot_saturation(eda, out / "background_saturation.png")]
+    figures += [plot_stain(eda.summary["stain"], eda.stain, out / "stain.png")] if eda.stain else []
     galleries, notes = gallery_figures(eda, out)
     figures += galleries
     if eda.qc.empty:

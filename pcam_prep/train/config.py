@@ -9,6 +9,7 @@ from typing import Any
 
 from ..errors import PcamPrepError
 from ..loader import FORMATS
+from ..stain import METHODS as STAIN_METHODS
 
 ARCHS = ("small", "resnet")
 TIMM_PREFIX = "timm:"  # --arch timm:NAME builds timm.create_model(NAME) (extra `timm`)
@@ -16,6 +17,8 @@ OPTIMIZERS = ("adamw", "sgd")
 MIN_INPUT_SIZE = 32
 DEVICES = ("auto", "cpu", "cuda")
 TTA_CHOICES = (1, 2, 4, 8)
+STAIN_NORMS = ("none", *STAIN_METHODS)
+STAIN_AUGMENTS = ("none", "hed")
 
 
 @dataclass(frozen=True)
@@ -50,11 +53,16 @@ class TrainConfig:
     unfreeze_after: int | None = None  # with freeze_backbone: train everything from this epoch on
     lr_backbone: float | None = None  # peak learning rate of everything but the head; None: lr
     optimizer: str = "adamw"  # adamw | sgd (momentum 0.9, Nesterov); neither decays norms and biases
+    stain_norm: str = "none"  # none | macenko | reinhard: map every image's stain onto a reference (predict too)
+    stain_ref: str | None = None  # the reference: a train image id or a .npy/.tif/.png file; None: 256 train patches
+    stain_augment: str = "none"  # none | hed: Tellez HED jitter of each training image's stain concentrations
+    stain_sigma: float = 0.05  # HED jitter: concentration x U(1-s, 1+s) + U(-s, s), on scikit-image's rgb2hed scale
 
     def __post_init__(self) -> None:
         check_arch(self.arch)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         self._check_transfer()
+        self._check_stain()
         _check_choice("device", self.device, DEVICES)
         _check_choice("format", self.format, FORMATS)
         _check_positive(epochs=self.epochs, batch_size=self.batch_size, checkpoint_every=self.checkpoint_every,
@@ -93,6 +101,15 @@ class TrainConfig:
             raise PcamPrepError(f"lr_backbone must be > 0, got {self.lr_backbone!r}")
         if self.width is not None and timm:
             raise PcamPrepError(f"--width only applies to small and resnet; {self.arch} has its own widths")
+
+    def _check_stain(self) -> None:
+        _check_choice("stain_norm", self.stain_norm, STAIN_NORMS)
+        _check_choice("stain_augment", self.stain_augment, STAIN_AUGMENTS)
+        if self.stain_ref is not None and self.stain_norm == "none":
+            raise PcamPrepError(f"--stain-ref {self.stain_ref} is the reference of --stain-norm: pass that too")
+        if isinstance(self.stain_sigma, bool) or not isinstance(self.stain_sigma, int | float) or \
+                not 0 < self.stain_sigma <= 0.5:
+            raise PcamPrepError(f"stain_sigma must be in (0, 0.5], got {self.stain_sigma!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return jsonable(self)

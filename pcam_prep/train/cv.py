@@ -122,7 +122,7 @@ def score_fold(config: CvConfig, fold: int, out: Path) -> tuple[float, int]:
     model, ckpt = load_checkpoint(out / "best.pt", device)
     source = open_source(config.train.shards, "train", [fold], config.train.format)
     loader = BatchLoader(source, 2 * config.train.batch_size, shuffle=False)
-    index, probs = predict_probs(model, loader, Normalise(ckpt["mean"], ckpt["std"], device), device, config.tta)
+    index, probs = predict_probs(model, loader, Normalise.from_checkpoint(ckpt, device), device, config.tta)
     labels = source.labels[index]
     write_oof(out / FOLD_OOF, source.ids[index], labels, np.full(len(index), fold), probs)
     return roc_auc(labels, probs), len(index)

@@ -10,8 +10,9 @@ Three ways to feed a step, all yielding `DeviceBatch`es in the same order for a 
 * resident (`ResidentSplit`): the whole uint8 split lives on the device and a batch is an
   index_select there, so the loop does no loader work at all.
 
-Normalisation (uint8 -> float, /255, (x - mean) / std, NHWC -> NCHW) happens on the device; the
-permuted NHWC bytes already are the channels_last layout, so no copy is needed to get it.
+Normalisation (uint8 -> float, /255, stain normalisation if fitted, (x - mean) / std, NHWC -> NCHW)
+happens on the device; the permuted NHWC bytes already are the channels_last layout, so no copy
+is needed to get it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ..errors import PcamPrepError
 from ..loader import BatchLoader, Source, open_source
 from ..manifest import read_manifest
 from ..memory import M_MMAP_MAX, M_TRIM_THRESHOLD, tune_malloc
+from .stain import StainNormaliser
 
 logger = logging.getLogger(__name__)
 
@@ -47,18 +49,31 @@ class DeviceBatch:
 
 
 class Normalise:
-    """uint8 NHWC -> float NCHW (channels_last) on 0-1 scale, then (x - mean) / std per channel."""
+    """uint8 NHWC -> float NCHW (channels_last) on 0-1 scale (stain-normalised, if fitted), then (x - mean) / std."""
 
-    def __init__(self, mean: list[float], std: list[float], device: torch.device) -> None:
+    def __init__(self, mean: list[float], std: list[float], device: torch.device,
+                 stain: dict[str, Any] | None = None) -> None:
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"need 3 channel means and 3 positive stds, got mean={mean!r} std={std!r}")
-        self.stats = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}  # as saved in checkpoints
+        # as saved in checkpoints: `predict` rebuilds the same transform from them
+        self.stats = {"mean": [float(v) for v in mean], "std": [float(v) for v in std], "stain": stain}
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.stain = None if stain is None else StainNormaliser(stain, device)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any], device: torch.device) -> Normalise:
+        """The normalisation a checkpoint was trained with (checkpoints from before --stain-norm have none)."""
+        return cls(ckpt["mean"], ckpt["std"], device, ckpt.get("stain"))
 
     @staticmethod
     def to_unit(images: torch.Tensor) -> torch.Tensor:
         return images.permute(0, 3, 1, 2).float().div_(255)
+
+    def unit(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC -> 0-1 NCHW, stain-normalised onto the fitted reference when there is one."""
+        x = self.to_unit(images)
+        return x if self.stain is None else self.stain(x)
 
     def __call__(self, unit: torch.Tensor) -> torch.Tensor:
         return ((unit - self.mean) / self.std).contiguous(memory_format=torch.channels_last)

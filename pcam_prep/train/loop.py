@@ -53,6 +53,7 @@ from .metrics import accuracy, bce_with_logits, roc_auc, sigmoid
 from .models import DEFAULT_WIDTHS
 from .plots import plot_confusion, plot_curves, plot_roc
 from .predict import write_predictions
+from .stain import fit_stain_reference, hed_jitter
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class Run:
     loader: BatchLoader  # this rank's train batches
     val_loader: BatchLoader  # this rank's share of the validation fold, unshuffled
     resident: ResidentSplit | None  # the train split on the device, or None to stream it
-    norm: Normalise  # the manifest's mean/std, applied on the device
+    norm: Normalise  # the manifest's mean/std (and the stain reference), applied on the device
     steps: int  # per epoch, the same on every rank
     state: RunState
     pending_loss: torch.Tensor  # train loss x images not yet added to state.loss_sum (on the device)
@@ -200,12 +201,14 @@ def setup(config: TrainConfig, rank: int, world: int, device: torch.device) -> R
     optimizer, scheduler = make_optimizer(model, config, steps * config.epochs)
     state = restore(config, model, optimizer, scheduler, device, world) if config.resume else RunState()
     stats = manifest["stats"]
+    stain = fit_stain_reference(config.stain_norm, config.stain_ref, config.shards, config.format, train_source,
+                                config.seed)
     return Run(
         config, rank, world, device, model, wrap(model, config, world, device), optimizer, scheduler,
         BatchLoader(train_source, config.batch_size, seed=config.seed, rank=rank, world_size=world),
         # validation at the training batch size: its blocks fit the holes training leaves in the heap
         BatchLoader(val_source, config.batch_size, shuffle=False, rank=rank, world_size=world),
-        ResidentSplit(train_source, device) if resident else None, Normalise(stats["mean"], stats["std"], device),
+        ResidentSplit(train_source, device) if resident else None, Normalise(stats["mean"], stats["std"], device, stain),
         steps, state, torch.zeros((), device=device), manifest_digest(config.shards))
 
 
@@ -323,7 +326,9 @@ def epoch_batches(run: Run):
 
 def train_step(run: Run, batch: DeviceBatch, epoch: int, step: int) -> torch.Tensor:
     generator = reseed(run, epoch, step)
-    x = Normalise.to_unit(batch.images)
+    x = run.norm.unit(batch.images)
+    if run.config.stain_augment == "hed":
+        x = hed_jitter(x, generator, run.config.stain_sigma)
     x = run.norm(augment(x, generator) if run.config.augment else x)
     with autocast(run):
         logits = run.net(x)
@@ -356,7 +361,7 @@ def evaluate(run: Run) -> tuple[np.ndarray, np.ndarray]:
     index, logits = [], []
     for batch in stream_batches(run.val_loader, run.device):
         with autocast(run):
-            logits.append(run.model(run.norm(Normalise.to_unit(batch.images))).float())
+            logits.append(run.model(run.norm(run.norm.unit(batch.images))).float())
         index.append(batch.index)
     mine = (np.concatenate(index), torch.cat(logits).cpu().numpy()) if index else (np.zeros(0, int), np.zeros(0))
     parts = [mine]
@@ -425,7 +430,7 @@ def _save(ckpt: dict[str, Any], path: Any) -> None:
     os.replace(tmp, path)  # a crash mid-save never leaves a torn checkpoint
 
 
-RESUME_FIXED = ("arch", "width", "val_fold", "batch_size", "seed", "world", "input_size")
+RESUME_FIXED = ("arch", "width", "val_fold", "batch_size", "seed", "world", "input_size", "stain_norm", "stain_ref")
 
 
 def restore(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -437,7 +442,8 @@ def restore(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimi
     if "optimizer" not in ckpt:
         raise PcamPrepError(f"--resume: {path} holds no optimiser state (resume from a last.pt written by train)")
     # settings that decide what `step` means, or which rows train: they must not change mid-run
-    saved = {"input_size": 96, **ckpt["config"], "width": ckpt["width"], "world": ckpt.get("world", 1)}
+    saved = {"input_size": 96, "stain_norm": "none", "stain_ref": None, **ckpt["config"], "width": ckpt["width"],
+             "world": ckpt.get("world", 1)}
     now = {**jsonable(config), "world": world}
     changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_FIXED if saved.get(k) != now[k]]
     if changed:

@@ -69,7 +69,7 @@ def predict_probs(model: nn.Module, loader: BatchLoader, norm: Normalise, device
     index, probs = [], []
     counter = Counter(progress, "predict", sum(len(rows) for rows in loader.plan()))
     for batch in stream_batches(loader, device):
-        unit = Normalise.to_unit(batch.images)
+        unit = norm.unit(batch.images)  # stain normalisation as trained; no stain jitter at test time
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):  # as trained
             views = [torch.sigmoid(model(norm(dihedral(unit, code))).float()) for code in range(tta)]
         probs.append(torch.stack(views).mean(0))
@@ -109,7 +109,7 @@ def predict(config: PredictConfig, progress: ProgressFn | None = None) -> Predic
     loader = BatchLoader(source, config.batch_size, shuffle=False)
     total, index = np.zeros(len(source)), None
     for m, (model, ckpt) in enumerate(models):
-        norm = Normalise(ckpt["mean"], ckpt["std"], device)  # the training normalisation, whatever these shards say
+        norm = Normalise.from_checkpoint(ckpt, device)  # the training normalisation, whatever these shards say
         index, probs = predict_probs(model, loader, norm, device, config.tta, _offset(progress, m, len(models)))
         total[index] += probs
     probs = (total[index] / len(models)).astype(np.float32)
