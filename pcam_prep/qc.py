@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import PcamPrepError
-from .schema import centre_window
+from .schema import BACKGROUND_SATURATION, centre_window
 
 COLUMNS = ("tissue", "tissue_centre", "sharpness", "sharpness_centre", "p05", "p95")
-SATURATION = 0.07  # PCam's tissue/background threshold on HSV saturation
+SATURATION = BACKGROUND_SATURATION  # a pixel is tissue above it
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ RUN_INFO_NAME = "run.json"  # timings and host: kept out of the checksummed outp
 BUILD_LOG_NAME = "build.log"  # the traceback of a build that failed unexpectedly
 REJECTS_NAME = "rejects.csv"
 DUPLICATES_NAME = "duplicates.csv"
+BACKGROUND_SATURATION = 0.07  # PCam's tissue/background threshold on HSV saturation (max-min)/max
 QC_NAME = "qc.csv"  # per kept image: centre-aware quality metrics and flags (pcam_prep.qc)
 
 # WebDataset members. Only these are ever decoded by our loaders.

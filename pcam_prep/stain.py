@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 
 from .errors import PcamPrepError
+from .schema import BACKGROUND_SATURATION
 
 METHODS = ("macenko", "reinhard")
-TISSUE_SATURATION = 0.07  # PCam's background threshold, here per pixel: HSV (max-min)/max
+TISSUE_SATURATION = BACKGROUND_SATURATION  # PCam's background threshold, here per pixel: HSV (max-min)/max
 DARK = 30 / 255  # pixels whose brightest channel is below this are black artefacts, not tissue
 MIN_OD = 0.3  # summed optical density below this is (nearly) transparent: Macenko's beta cut, summed
 MIN_TISSUE_SHARE = 0.05  # a patch with fewer tissue pixels passes through normalisation unchanged

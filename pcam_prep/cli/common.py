@@ -95,6 +95,11 @@ SCHEDULER_HELP = ("processes (the default: measured fastest here) | threads | sy
                   "LocalCluster of --workers processes) | tcp://HOST:PORT (an existing dask.distributed cluster)")
 
 
+def counts_text(counts: dict[str, int]) -> str:
+    """'exact: 2, train-test: 1,234': a manifest count table on one line."""
+    return ", ".join(f"{k}: {v:,}" for k, v in counts.items())
+
+
 def qc_lines(qc: dict[str, Any] | None) -> list[str]:
     """'QC flags  centre-background: train 12, test 3; ...' (kept images), and what --drop-flags removed."""
     if not qc:
@@ -105,6 +110,6 @@ def qc_lines(qc: dict[str, Any] | None) -> list[str]:
              for flag, counts in flagged.items() if counts]
     lines = [f"QC flags  {'; '.join(parts)}  (kept; see qc.csv)" if parts else "QC flags  none"]
     if qc["dropped"]["count"]:
-        by_flag = ", ".join(f"{k}: {v:,}" for k, v in qc["dropped"]["by_flag"].items())
-        lines.append(f"QC dropped {qc['dropped']['count']:,}  ({by_flag}; --drop-flags, listed in rejects.csv)")
+        lines.append(f"QC dropped {qc['dropped']['count']:,}  ({counts_text(qc['dropped']['by_flag'])}; --drop-flags, "
+                     "listed in rejects.csv)")
     return lines

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .common import SCHEDULER_HELP, Bars, friendly_errors, qc_lines
+from .common import SCHEDULER_HELP, Bars, counts_text, friendly_errors, qc_lines
 
 
 @click.command()
@@ -106,8 +106,8 @@ def _channels(summary: dict[str, Any]) -> str:
 def _problems(summary: dict[str, Any]) -> str:
     rejects, duplicates = summary["rejects"], summary["duplicates"]
     return "\n".join([
-        f"rejects     {rejects['count']:>8,}  {_counts(rejects['by_reason'])}",
-        f"duplicates  {duplicates['count']:>8,}  {_counts(duplicates['by_kind'])}",
+        f"rejects     {rejects['count']:>8,}  {counts_text(rejects['by_reason'])}",
+        f"duplicates  {duplicates['count']:>8,}  {counts_text(duplicates['by_kind'])}",
         f"leaked test {duplicates['leaked_test_images']:>8,}  (test images whose pixels are also in train)",
         f"kept copies {duplicates.get('kept_copies', 0):>8,}  (held-out images repeating another's pixels; kept)",
         f"sha1 ids    {summary['ids']['sha1_mismatch']:>8,}  not the sha1 of their pixels (Kaggle ids are)",
@@ -141,7 +141,3 @@ def _percentiles(values: dict[str, float] | None) -> str:
 
 def _pct(share: float | None) -> str:
     return "-" if share is None else f"{100 * share:.1f}"
-
-
-def _counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k}: {v:,}" for k, v in counts.items())

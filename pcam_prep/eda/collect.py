@@ -31,7 +31,16 @@ from ..pipeline.config import BuildConfig
 from ..pipeline.executor import Executor, ProgressFn
 from ..pipeline.qcflags import qc_table
 from ..readers import ArrayReader, ShardReader
-from ..schema import DUPLICATES_NAME, HDF5_NAME, MANIFEST_NAME, QC_NAME, REJECTS_NAME, ZARR_NAME, SampleLayout
+from ..schema import (
+    BACKGROUND_SATURATION,
+    DUPLICATES_NAME,
+    HDF5_NAME,
+    MANIFEST_NAME,
+    QC_NAME,
+    REJECTS_NAME,
+    ZARR_NAME,
+    SampleLayout,
+)
 from ..sources.base import stamps_of
 from ..sources.kaggle import KaggleLayout, resolve_layout
 from ..sources.validate import load_images
@@ -40,7 +49,6 @@ from .stain_stats import SplitStain, collect_stain
 
 logger = logging.getLogger(__name__)
 
-BACKGROUND_SATURATION = 0.07  # PCam's tissue threshold on HSV saturation
 BACKGROUND_RULE = "mean per-pixel HSV saturation (max-min)/max < 0.07 (PCam's background threshold)"
 BLOCK_ROWS = 2048  # images per Dask task: amortises the task cost, ~56 MB of pixels at most
 _STEP = 256  # images per vectorised step inside a task: keeps each worker at ~10 MB

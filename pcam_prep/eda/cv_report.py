@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 
 from ..figures import figure as _figure
+from ..figures import patch_tile
 from ..figures import save as _save
-from ..schema import centre_window
 
 CV_CAPTIONS = {
     "cv_roc": "Out-of-fold ROC: each fold scored by the model that did not train on it, and all folds pooled.",
@@ -73,8 +73,6 @@ def _fastest_format(target: Path) -> str:
 
 
 def plot_suspects(review: pd.DataFrame, images: list[np.ndarray | None], path: Path, per_row: int = 8) -> Path:
-    from matplotlib.patches import Rectangle
-
     rows = -(-len(review) // per_row)
     fig = _figure(per_row * 1.35, rows * 1.75 + 0.3)
     fig.suptitle(f"top {len(review)} suspect labels", fontsize=10)
@@ -86,13 +84,7 @@ def plot_suspects(review: pd.DataFrame, images: list[np.ndarray | None], path: P
                      color="tab:red" if row.label == 1 else "tab:blue")
         if image is None:
             continue
-        ax.set_axis_on()
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.imshow(image, interpolation="nearest")
-        window = centre_window(image.shape[0])
-        side = window.stop - window.start
-        ax.add_patch(Rectangle((window.start - 0.5,) * 2, side, side, fill=False, lw=1.2, ec="#00e5ff"))
+        patch_tile(ax, image, frame=False)
     return _save(fig, path)
 
 

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 
 from ..figures import figure as _figure
+from ..figures import patch_tile
 from ..figures import save as _save
 from ..qc import FLAGS
-from ..schema import centre_window
 
 # flag -> (qc.csv column that decided it, True when a larger value is worse)
 WORST_BY = {"centre-background": ("tissue_centre", False), "blurry": ("sharpness_centre", False),
@@ -43,8 +43,6 @@ def worst_flagged(qc: pd.DataFrame, per_flag: int = PER_FLAG) -> pd.DataFrame:
 
 def plot_qc(shown: pd.DataFrame, images: np.ndarray, counts: dict[str, int], path: Path) -> Path:
     """One row per flag: its worst patches (or a note that no patch has it)."""
-    from matplotlib.patches import Rectangle
-
     fig = _figure(PER_FLAG * 1.3, len(FLAGS) * 1.75 + 0.3)
     axes = fig.subplots(len(FLAGS), PER_FLAG, squeeze=False)
     for ax in axes.ravel():
@@ -58,14 +56,7 @@ def plot_qc(shown: pd.DataFrame, images: np.ndarray, counts: dict[str, int], pat
             axes[r, 0].text(0, 0.5, "none", fontsize=8, color="0.4")
         for ax, i in zip(axes[r], rows):
             row = shown.iloc[i]
-            ax.set_axis_on()
-            ax.set_xticks([])
-            ax.set_yticks([])
-            image = images[i]
-            ax.imshow(image, interpolation="nearest")
-            window = centre_window(image.shape[0])
-            side = window.stop - window.start
-            ax.add_patch(Rectangle((window.start - 0.5,) * 2, side, side, fill=False, lw=1.2, ec="#00e5ff"))
+            patch_tile(ax, images[i], frame=False)
             label = "" if pd.isna(row["label"]) else f" y={int(row['label'])}"
             ax.set_xlabel(f"{column} {row['value']:.3g}\n{row['split']}{label} {row['id'][:8]}", fontsize=6)
     return _save(fig, path)

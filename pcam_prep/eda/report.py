@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from ..figures import figure as _figure
+from ..figures import patch_tile, tile_axes
 from ..figures import save as _save
 from ..pipeline.dedup import is_kept_kind
-from ..schema import centre_window
 from ..sources.decode import Reject, read_file
 from ..sources.kaggle import KaggleLayout
 from ..sources.validate import decoder_for
@@ -106,8 +106,6 @@ def gallery_figures(eda: Eda, out: Path) -> tuple[list[Path], list[str]]:
 
 def plot_samples(samples: dict[int, np.ndarray], path: Path) -> Path:
     """Rows of patches per label, each with the PCam centre window outlined."""
-    from matplotlib.patches import Rectangle
-
     rows = {label: max(1, -(-len(images) // _PER_ROW)) for label, images in samples.items()}
     fig = _figure(_PER_ROW * 1.25, sum(rows.values()) * 1.3 + 0.5 * len(rows))
     parts = fig.subfigures(len(samples), 1, height_ratios=list(rows.values()))
@@ -117,11 +115,7 @@ def plot_samples(samples: dict[int, np.ndarray], path: Path) -> Path:
         for ax in axes[len(images):]:
             ax.set_axis_off()
         for ax, image in zip(axes, images):
-            _frame(ax)
-            window = centre_window(image.shape[0])
-            ax.imshow(image, interpolation="nearest")
-            side = window.stop - window.start
-            ax.add_patch(Rectangle((window.start - 0.5,) * 2, side, side, fill=False, lw=1.2, ec="#00e5ff"))
+            patch_tile(ax, image)
     return _save(fig, path)
 
 
@@ -234,18 +228,9 @@ def source_tile(path: Path | None, shape: tuple[int, int, int]) -> np.ndarray | 
         return reject.reason
 
 
-def _frame(ax) -> None:
-    """No ticks, a thin grey frame: white or black patches stay visible as tiles."""
-    ax.set_axis_on()
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set(color="0.7", lw=0.6)
-
-
 def _tile(ax, tile: np.ndarray | str, title: str, text: str = "") -> None:
     """A patch, or a grey placeholder with `text` (default: why the patch cannot be shown)."""
-    _frame(ax)
+    tile_axes(ax)
     ax.set_title(title, fontsize=7)
     if isinstance(tile, str):
         ax.imshow(np.full((8, 8, 3), 0.88))

@@ -24,10 +24,8 @@ from ..errors import PcamPrepError
 from ..moments import Moments, channel_moments, merge
 from ..qc import COLUMNS as QC_COLUMNS
 from ..schema import RowSource, SplitSpec, image_shape
-from ..sources import scan_source
-from ..sources import pcam_md5
+from ..sources import pcam_md5, scan_source
 from ..sources.base import REJECT_COLUMNS, Inventory, RowReader
-from ..sources.pcam_md5 import file_md5
 from .config import BuildConfig
 from .dedup import Dedup, dedup, dedup_dihedral, dihedral_digests
 from .exclude import apply_exclude
@@ -136,9 +134,9 @@ def inspect(executor: Executor, inventory: Inventory, shape: tuple[int, int, int
                for start in range(0, len(frame), config.batch_size)]
     calls = [reader.inspect_call(rows, shape, config.keep_blank, spec.folded) for spec, rows in batches]
     # Whole-file MD5s (PCam) run as tasks beside the decode, biggest first, on a bar of their own (MiB).
-    files = sorted(inventory.checksummed, key=lambda p: -p.stat().st_size)
-    sums = [(file_md5, (str(p),)) for p in files]
-    results = executor.map("decode", sums + calls, [max(1, p.stat().st_size >> 20) for p in files] +
+    files = sorted(((p.stat().st_size, str(p)) for p in inventory.checksummed), reverse=True)
+    sums = [(pcam_md5.file_md5, (path,)) for _, path in files]
+    results = executor.map("decode", sums + calls, [max(1, size >> 20) for size, _ in files] +
                            [len(rows) for _, rows in batches], ["md5"] * len(sums) + ["decode"] * len(calls))
     hashed, reports = results[: len(sums)], results[len(sums) :]
     kept: dict[str, list[pd.DataFrame]] = {spec.name: [] for spec in inventory.specs}
