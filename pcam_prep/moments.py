@@ -12,8 +12,6 @@ from fractions import Fraction
 
 import numpy as np
 
-_BLOCK = 256  # 256 * 255**2 < 2**24: a float32 sum of 256 squares is still exact
-
 
 @dataclass(frozen=True)
 class Moments:
@@ -62,32 +60,11 @@ def merge(parts: list[Moments]) -> Moments:
 
 
 def channel_moments(images: np.ndarray) -> Moments:
-    """Exact moments of a (N, H, W, C) uint8 batch.
+    """Exact moments of a (N, H, W, C) uint8 batch: integer sums in one compiled pass per patch (kernels)."""
+    from . import kernels  # Numba: imported by the processes that measure pixels only
 
-    float32 is exact here: the pixels are cut into blocks of 256 per channel, whose sums of
-    values and of squares stay below 2**24, and the per-block sums move to int64. A matmul
-    with a 0/1 channel selector does the interleaved per-channel reduction at BLAS speed.
-    """
     n, h, w, c = images.shape
-    width = _BLOCK * c
-    per_image = h * w * c
-    flat = images.reshape(n, per_image)
-    if per_image % width:
-        flat = np.pad(flat, ((0, 0), (0, width - per_image % width)))
-    blocks = flat.shape[1] // width
-    select = np.tile(np.eye(c, dtype=np.float32), (_BLOCK, 1))  # (256*C, C)
-    scratch = np.empty((_ROWS, flat.shape[1]), np.float32)  # reused: fresh pages are slow
-    sums = np.zeros(c, np.int64)
-    squares = np.zeros(c, np.int64)
-    for start in range(0, n, _ROWS):
-        part = flat[start : start + _ROWS]
-        buf = scratch[: len(part)]
-        np.copyto(buf, part, casting="unsafe")
-        view = buf.reshape(len(part) * blocks, width)
-        sums += (view @ select).astype(np.int64).sum(axis=0)
-        np.square(buf, out=buf)
-        squares += (view @ select).astype(np.int64).sum(axis=0)
+    sums, squares = np.zeros(c, np.int64), np.zeros(c, np.int64)  # 2**63 > 255**2 * 96*96 * 10**9 patches
+    if n:
+        kernels.channel_sums(np.ascontiguousarray(images, np.uint8), sums, squares)
     return Moments(n * h * w, tuple(int(v) for v in sums), tuple(int(v) for v in squares))
-
-
-_ROWS = 8  # 8 images of float32 scratch (~880 KB) stay in L2; 64 measured ~2x slower

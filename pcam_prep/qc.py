@@ -25,6 +25,7 @@ from .schema import BACKGROUND_SATURATION, centre_window
 
 COLUMNS = ("tissue", "tissue_centre", "sharpness", "sharpness_centre", "p05", "p95")
 SATURATION = BACKGROUND_SATURATION  # a pixel is tissue above it
+PERCENTILES = (5, 95)  # of the grey level: columns p05, p95
 
 
 @dataclass(frozen=True)
@@ -45,63 +46,18 @@ FLAGS = {
 }
 
 
-BLOCK = 64  # patches measured at a time: the int16 temporaries of a block stay in cache
-
-
 def measure(images: np.ndarray) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> (N, 6) float64 metrics, columns as `COLUMNS`."""
-    out = np.empty((len(images), len(COLUMNS)), np.float64)
-    for start in range(0, len(images), BLOCK):
-        out[start : start + BLOCK] = _measure_block(images[start : start + BLOCK])
-    return out
+    """(N, H, W, 3) uint8 -> (N, 6) float64 metrics, columns as `COLUMNS`; ~10 us a 96x96 patch on one core."""
+    from . import kernels  # Numba loads in ~0.4 s: only processes that measure pay for it (build workers preload it)
 
-
-def _measure_block(images: np.ndarray) -> np.ndarray:
-    """`measure` of up to BLOCK patches.
-
-    About 50-100 us a patch on one core: channel planes are made contiguous once, every step
-    after that is a whole-array integer operation (no per-pixel reductions over the channel axis,
-    which numpy does ~20x slower), and the Laplacian is taken on the flattened image.
-    """
     n, h, w, _ = images.shape
     rows, cols = centre_window(h), centre_window(w)
+    ranks = np.array([max(1, -(-q * h * w // 100)) for q in PERCENTILES], np.int64)  # nearest rank, 1-based
     out = np.empty((n, len(COLUMNS)), np.float64)
-    r, g, b = np.ascontiguousarray(images.transpose(3, 0, 1, 2)).astype(np.uint16)
-    hi, lo = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
-    tissue = (hi - lo) * 100 > hi * round(SATURATION * 100)  # s = (max-min)/max > 0.07, exactly; 0 where max = 0
-    centre = (rows.stop - rows.start) * (cols.stop - cols.start)
-    out[:, 0] = tissue.view(np.uint8).reshape(n, -1).sum(axis=1, dtype=np.int64) / (h * w)
-    out[:, 1] = tissue[:, rows, cols].view(np.uint8).reshape(n, -1).sum(axis=1, dtype=np.int64) / centre
-    grey = ((r * 77 + g * 150 + b * 29 + 128) >> 8).astype(np.int16).reshape(n, h * w)  # ITU-R 601 luma, 0-255
-    # 4-neighbour Laplacian of the flattened image: rows 1..h-2 whole; columns 0 and w-1 wrap and are cut below
-    lap = grey[:, : -2 * w] + grey[:, 2 * w :] + grey[:, w - 1 : -w - 1] + grey[:, w + 1 : h * w - w + 1]
-    lap -= 4 * grey[:, w:-w]
-    lap = lap.reshape(n, h - 2, w)[:, :, 1:-1]  # lap[:, i, j] sits at pixel (i+1, j+1)
-    out[:, 2] = _variance(lap)
-    out[:, 3] = _variance(lap[:, rows.start : rows.stop - 2, cols.start : cols.stop - 2])  # the window's own interior
-    out[:, 4:] = _percentiles(grey, (5, 95))
+    if n:
+        kernels.qc_metrics(np.ascontiguousarray(images, np.uint8), rows.start, rows.stop, cols.start, cols.stop,
+                           round(SATURATION * 100), ranks, out)
     return out
-
-
-def _variance(values: np.ndarray) -> np.ndarray:
-    """Per-image population variance of integer values.
-
-    The sums are float64 sums of integers below 2**53, so they are exact in any order.
-    """
-    flat = values.reshape(len(values), -1).astype(np.float64)
-    count = flat.shape[1]
-    total, squares = flat.sum(axis=1), np.einsum("ij,ij->i", flat, flat)
-    return (squares * count - total * total) / (count * count)
-
-
-def _percentiles(grey: np.ndarray, qs: tuple[int, ...]) -> np.ndarray:
-    """Per-image lower percentiles (nearest rank) of 0-255 values, from one histogram per image."""
-    n, count = grey.shape
-    offsets = (256 * np.arange(n, dtype=np.int64))[:, None]
-    hist = np.bincount((grey + offsets).ravel(), minlength=256 * n).reshape(n, 256)
-    cumulative = hist.cumsum(axis=1)
-    ranks = [max(1, -(-q * count // 100)) for q in qs]  # the smallest value with at least q % at or below it
-    return np.stack([(cumulative < rank).sum(axis=1) for rank in ranks], axis=1)
 
 
 def flag_masks(metrics: np.ndarray, thresholds: Thresholds) -> dict[str, np.ndarray]:
@@ -116,14 +72,20 @@ def flag_masks(metrics: np.ndarray, thresholds: Thresholds) -> dict[str, np.ndar
     }
 
 
-def flag_names(masks: dict[str, np.ndarray]) -> list[str]:
-    """Per row, its flags joined by ';' ('' for none), in FLAGS order."""
+def flag_names(masks: dict[str, np.ndarray]) -> np.ndarray:
+    """Per row, its flags joined by ';' ('' for none), in FLAGS order, as an object array.
+
+    Vectorised: each row's flags are a bit pattern, and the 2**len(FLAGS) possible names are
+    made once. A Python list per row cost seconds at 100k rows once the driver's heap was big
+    (each list is a garbage-collector allocation).
+    """
     n = len(next(iter(masks.values()))) if masks else 0
-    names = [[] for _ in range(n)]
-    for flag in FLAGS:
-        for i in np.flatnonzero(masks[flag]):
-            names[i].append(flag)
-    return [";".join(row) for row in names]
+    code = np.zeros(n, np.int64)
+    for bit, flag in enumerate(FLAGS):
+        code |= np.asarray(masks[flag], bool).astype(np.int64) << bit
+    names = np.array([";".join(f for bit, f in enumerate(FLAGS) if pattern >> bit & 1)
+                      for pattern in range(1 << len(FLAGS))], dtype=object)
+    return names[code]
 
 
 def parse_flags(text: str | tuple[str, ...] | None) -> tuple[str, ...]:

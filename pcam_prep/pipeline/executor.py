@@ -61,17 +61,23 @@ class _TaskCounter(Callback):
 
 
 class Guarded:
-    """A task function that fails as one line naming its stage and what it was working on.
+    """One call of a task function, failing as one line naming its stage and what it was working on.
+
+    The call carries its own arguments, so Dask sees a task with none: `dask.delayed(f)(*args)`
+    walks every list, tuple and dataclass in the arguments looking for dask collections, and on
+    the shard plan (thousands of ids and paths per task) that walk cost the driver seconds at
+    100k images, before a single task ran.
 
     Expected failures (PcamPrepError: a changed source, a bad shard) pass through as they are;
     a full disk becomes OutOfSpace naming the file; anything else becomes TaskFailed, carrying
     the worker's traceback for `-vv` and OUT/build.log. Picklable: it travels to workers.
     """
 
-    def __init__(self, stage: str, func: Callable[..., Any]) -> None:
-        self.stage, self.func = stage, func
+    def __init__(self, stage: str, func: Callable[..., Any], args: tuple = ()) -> None:
+        self.stage, self.func, self.args = stage, func, args
 
-    def __call__(self, *args: Any) -> Any:
+    def __call__(self) -> Any:
+        args = self.args
         try:
             return self.func(*args)
         except PcamPrepError:
@@ -178,7 +184,7 @@ class Executor(AbstractContextManager):
         """
         if not calls:
             return []
-        tasks = [dask.delayed(Guarded(stage, func), pure=False)(*args) for func, args in calls]
+        tasks = [dask.delayed(Guarded(stage, func, tuple(args)), pure=False)() for func, args in calls]
         units = list(units) if units is not None else [1] * len(tasks)
         bars = list(bars) if bars is not None else [stage] * len(tasks)
         start = time.perf_counter()

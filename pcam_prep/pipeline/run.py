@@ -70,7 +70,8 @@ def build(config: BuildConfig, progress: ProgressFn | None = None) -> BuildSumma
 
 def _build(config: BuildConfig, out: Path, progress: ProgressFn | None) -> BuildSummary:
     clock = Clock()
-    preload = tuple(m for f, m in (("zarr", "zarr"), ("hdf5", "h5py")) if f in config.formats)
+    # Imported by each worker while the driver scans: the compiled pixel loops, and the format libraries
+    preload = ("pcam_prep.kernels", *(m for f, m in (("zarr", "zarr"), ("hdf5", "h5py")) if f in config.formats))
     with Executor(config.scheduler, config.n_workers, progress, preload) as executor:
         found = analyse(config, executor, clock)
         release_freed_memory()
