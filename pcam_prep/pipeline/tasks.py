@@ -9,6 +9,7 @@ for Zarr and HDF5.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,21 @@ def write_hdf5_piece(
     rows = max(chunk_rows, BLOCK_ROWS // chunk_rows * chunk_rows)
     arrays.fill_hdf5(Path(tmp), Path(path), {name: src.blocks(shape, rows) for name, src in splits.items()})
     count = sum(len(src) for src in splits.values())
+    return PieceResult("hdf5", "all", path, count, sha256_file(Path(path)))
+
+
+def write_hdf5_rows(tmp: str, split: str, start: int, shape: tuple[int, int, int], sources: RowSource,
+                    offsets: np.ndarray, chunk_rows: int) -> PieceResult:
+    """Rows [start, start+len(sources)) of `{split}/x` in the unfiltered HDF5 file at `tmp`: whole chunks, in place."""
+    rows = max(chunk_rows, BLOCK_ROWS // chunk_rows * chunk_rows)
+    for offset, images in sources.blocks(shape, rows):
+        arrays.write_hdf5_chunks(Path(tmp), offsets, chunk_rows, start + offset, images)
+    return PieceResult("hdf5-rows", split, tmp, len(sources), None)
+
+
+def finish_hdf5_piece(tmp: str, path: str, count: int) -> PieceResult:
+    """The HDF5 file whose chunks `write_hdf5_rows` filled, renamed into place and hashed."""
+    os.replace(tmp, path)
     return PieceResult("hdf5", "all", path, count, sha256_file(Path(path)))
 
 

@@ -1,8 +1,9 @@
 """Build step 7: plan the output pieces and write them in parallel.
 
-    shards  = map(write_wds_piece, plan)          one task per shard, rows read from the sources
-    arrays  = map(write_zarr_piece | hdf5 | tv)   Zarr ranges, the one HDF5 file, torchvision files:
-                                                  rows copied from the finished shards (one read of the sources)
+    shards  = map(write_wds_piece | write_hdf5_rows)   one task per shard and per range of HDF5 chunks, rows read
+                                                       from the sources (HDF5: unfiltered chunks written in place)
+    arrays  = map(write_zarr_piece | finish_hdf5 | tv) Zarr ranges, torchvision files, rows copied from the
+                                                       finished shards; the HDF5 file renamed and hashed
 """
 
 from __future__ import annotations
@@ -33,41 +34,71 @@ from ..writers.wds import remove_with_marker
 from .analyse import Analysis
 from .config import BuildConfig
 from .executor import Executor
-from .tasks import PieceResult, write_hdf5_piece, write_torchvision_piece, write_wds_piece, write_zarr_piece
+from .tasks import (
+    PieceResult,
+    finish_hdf5_piece,
+    write_hdf5_piece,
+    write_hdf5_rows,
+    write_torchvision_piece,
+    write_wds_piece,
+    write_zarr_piece,
+)
 
 logger = logging.getLogger(__name__)
 
 
 def write_outputs(executor: Executor, out: Path, found: Analysis, config: BuildConfig) -> list[PieceResult]:
-    """Write the shards first; the arrays then copy from them (one read of each source file)."""
+    """Shards (and unfiltered HDF5 chunks) from the sources; then Zarr, torchvision copied from the shards."""
     frames, shape = found.splits, found.shape
     specs = {spec.name: spec for spec in found.specs}
     pieces: list[PieceResult] = []
     rows: dict[str, RowSource] = {split: found.rows(split) for split in frames}
+    tasks, units, bars = [], [], []  # the first map: shards and HDF5 chunk ranges, read from the sources
+    plan: list[ShardPlan] = []
     if "wds" in config.formats:
         (out / WDS_DIR).mkdir(exist_ok=True)
         plan = _wds_plan(out, found, config)
-        pieces += executor.map("shards", [_wds_task(piece, found) for piece in plan], [p.count for p in plan])
+        tasks += [_wds_task(piece, found) for piece in plan]
+        units += [p.count for p in plan]
+        bars += ["shards"] * len(plan)
+    h5_tmp, direct = None, False
+    if "hdf5" in config.formats:
+        columns = {split: (len(frame), _columns(frame, specs[split])) for split, frame in frames.items()}
+        h5_tmp = arrays.create_hdf5(out / HDF5_NAME, shape, config.chunk_rows, columns, config.hdf5_codec)
+        offsets = {split: arrays.hdf5_chunk_offsets(h5_tmp, split) for split, frame in frames.items() if len(frame)}
+        direct = all(o is not None for o in offsets.values())
+        if direct:
+            # Unfiltered: chunk ranges written in place by parallel tasks beside the shards, renamed and hashed after
+            for split, (where, chunk) in offsets.items():
+                n, step = len(frames[split]), chunk * max(1, 2048 // chunk)
+                tasks += [(write_hdf5_rows, (str(h5_tmp), split, s, shape, found.rows(split).part(s, s + step),
+                                             where, chunk)) for s in range(0, n, step)]
+                units += [min(step, n - s) for s in range(0, n, step)]
+                bars += ["hdf5"] * len(range(0, n, step))
+    first = executor.map("shards", tasks, units, bars)
+    pieces += [piece for piece in first if piece.kind == "wds"]
+    if plan:
         rows = {split: ShardRows([(str(p.path), p.count, 0, p.count) for p in plan if p.split == split],
                                  specs[split].labelled) for split in frames}
         _remove_stale_shards(out, {p.path.name for p in plan})
-    tasks, units, zarr_tmp = [], [], None
+    tasks, units, bars, zarr_tmp = [], [], [], None
+    if h5_tmp is not None:  # first: the longest task (filtered HDF5: lzf, gzip have one writer, through h5py)
+        count = sum(len(frame) for frame in frames.values())
+        tasks.append((finish_hdf5_piece, (str(h5_tmp), str(out / HDF5_NAME), count)) if direct else
+                     (write_hdf5_piece, (str(h5_tmp), str(out / HDF5_NAME), shape, config.chunk_rows, rows)))
+        units.append(count)
+        bars.append("hdf5")
     if "zarr" in config.formats:
         zarr_tmp = arrays.create_zarr(out / ZARR_NAME, {s: len(f) for s, f in frames.items()}, shape, config.chunk_rows)
         for split, frame in frames.items():
             arrays.write_zarr_columns(zarr_tmp, split, _columns(frame, specs[split]))
             shard = arrays.zarr_shard_rows(config.chunk_rows, len(frame))
             step = shard * max(1, 2048 // shard)  # whole shard files per piece: one writer per file
+            starts = range(0, len(frame), step)
             tasks += [(write_zarr_piece, (str(zarr_tmp), split, s, shape, rows[split].part(s, s + step), shard))
-                      for s in range(0, len(frame), step)]
-            units += [min(step, len(frame) - s) for s in range(0, len(frame), step)]
-    if "hdf5" in config.formats:
-        columns = {split: (len(frame), _columns(frame, specs[split])) for split, frame in frames.items()}
-        h5_tmp = arrays.create_hdf5(out / HDF5_NAME, shape, config.chunk_rows, columns, config.hdf5_codec)
-        hdf5_task = (write_hdf5_piece, (str(h5_tmp), str(out / HDF5_NAME), shape, config.chunk_rows, rows))
-        tasks.insert(0, hdf5_task)  # the longest task first
-        units.insert(0, sum(len(frame) for frame in frames.values()))
-    bars = ["hdf5"] * ("hdf5" in config.formats) + ["zarr"] * (len(tasks) - ("hdf5" in config.formats))
+                      for s in starts]
+            units += [min(step, len(frame) - s) for s in starts]
+            bars += ["zarr"] * len(starts)
     tv_tasks, tv_units = _torchvision_tasks(out, found, rows, config.torchvision_names)
     results = executor.map("arrays", tasks + tv_tasks, units + tv_units, bars + ["torchvision"] * len(tv_tasks))
     pieces += [piece for result in results for piece in (result if isinstance(result, tuple) else (result,))]

@@ -1,9 +1,10 @@
 """Zarr v3 and HDF5 array stores with the same paths: {split}/x, y, id, fold.
 
 Both are created up front by the driver with their full shapes; image rows are then
-filled chunk-aligned (Zarr: by many tasks in parallel, each opening the store by path and
-owning whole shard files; HDF5: by one task, since HDF5 has no safe concurrent writers
-without MPI).
+filled chunk-aligned by many tasks in parallel: Zarr tasks open the store by path and own
+whole shard files; HDF5 tasks write whole unfiltered chunks at byte offsets HDF5 fixed when it
+created the file (HDF5 itself has no safe concurrent writers without MPI; a compressed file
+is filled by one task through h5py).
 
 Zarr `x` uses zarr's sharding codec: one file per `chunk_rows` images (a shard), holding
 uncompressed inner chunks of a few images and a crc32c-checked index at its end. Stock
@@ -123,9 +124,14 @@ def create_hdf5(
     with h5py.File(tmp, "w", libver=("v110", "v110"), track_order=False) as fh:
         for split, (n, columns) in splits.items():
             group = fh.create_group(split)
+            direct = {}
+            if n and HDF5_CODECS[codec] is None:  # every chunk's bytes placed now, written later by many tasks
+                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+                direct = {"dcpl": dcpl, "fill_time": "never"}
             group.create_dataset(
                 "x", shape=(n, *shape), dtype=np.uint8, chunks=(max(1, min(chunk_rows, n)), *shape) if n else None,
-                compression=HDF5_CODECS[codec] if n else None, track_times=False,
+                compression=HDF5_CODECS[codec] if n else None, track_times=False, **direct,
             )
             for name, values in columns.items():
                 dtype = column_dtypes()[name]
@@ -133,6 +139,50 @@ def create_hdf5(
                 group.create_dataset(name, data=np.asarray(values, dtype=object if dtype is str else dtype),
                                      dtype=h5dtype, track_times=False)
     return tmp
+
+
+def hdf5_chunk_offsets(path: Path, split: str) -> tuple[np.ndarray, int] | None:
+    """(byte offset of each chunk of `{split}/x` in row order, rows per chunk); None unless the chunks are
+    unfiltered and all allocated (create_hdf5 with codec none), i.e. plain C-order bytes any process may write.
+
+    Rows per chunk come from the file, never from the config: a split smaller than `chunk_rows` has
+    smaller chunks, and padding one to `chunk_rows` would overwrite the datasets after it."""
+    import h5py
+
+    with h5py.File(path, "r") as fh:
+        x = fh[f"{split}/x"]
+        if x.chunks is None or x.id.get_create_plist().get_nfilters() or not len(x):
+            return None
+        per, count = x.chunks[0], -(-len(x) // x.chunks[0])
+        if x.id.get_num_chunks() != count:
+            return None
+        offsets = np.empty(count, np.int64)
+        for i in range(count):
+            info = x.id.get_chunk_info(i)
+            offsets[info.chunk_offset[0] // per] = info.byte_offset
+    return offsets, per
+
+
+def write_hdf5_chunks(path: Path, offsets: np.ndarray, chunk_rows: int, start: int, images: np.ndarray) -> None:
+    """Rows [start, start+len) of an `x` whose chunks lie at `offsets`, as whole chunks written in place.
+
+    HDF5 has one writer, but unfiltered, early-allocated chunks are fixed byte ranges of the file:
+    tasks writing disjoint chunks with pwrite need no HDF5 library at all, and stock h5py reads
+    the result. An edge chunk is padded with zeros, so the file's bytes depend only on the images.
+    """
+    if start % chunk_rows:
+        raise ValueError(f"HDF5 rows must start on a chunk boundary ({chunk_rows} rows), got row {start}")
+    row_bytes = int(np.prod(images.shape[1:]))
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for at in range(0, len(images), chunk_rows):
+            part = np.ascontiguousarray(images[at : at + chunk_rows])
+            data = memoryview(part).cast("B")
+            if len(part) < chunk_rows:
+                data = bytes(data) + bytes((chunk_rows - len(part)) * row_bytes)
+            os.pwrite(fd, data, int(offsets[(start + at) // chunk_rows]))
+    finally:
+        os.close(fd)
 
 
 def fill_hdf5(tmp: Path, path: Path, splits: dict[str, Iterable[tuple[int, np.ndarray]]]) -> None:
