@@ -19,20 +19,24 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-_jit = numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+_OPTIONS = {"cache": True, "nogil": True, "boundscheck": False, "error_model": "numpy"}
+_jit = numba.njit(**_OPTIONS)
 
-QC_WIDTH = 6  # tissue, tissue_centre, sharpness, sharpness_centre, and one column per percentile rank (2)
+
+@_jit
+def _is_tissue(r: int, g: int, b: int, saturation_percent: int) -> int:
+    """1 when HSV saturation (max - min) / max exceeds saturation_percent / 100, in integers; 0 where max = 0."""
+    hi, lo = max(r, max(g, b)), min(r, min(g, b))
+    return np.int32((hi - lo) * 100 > hi * saturation_percent)
 
 
 @_jit
 def _tissue_count(flat: np.ndarray, start: int, stop: int, saturation_percent: int) -> int:
-    """Pixels p in [start, stop) of an interleaved RGB row with (max - min) * 100 > max * saturation_percent."""
+    """Tissue pixels p in [start, stop) of an interleaved RGB row."""
     count = 0
     for p in range(stop - start):
         q = 3 * (start + p)
-        r, g, b = np.int32(flat[q]), np.int32(flat[q + 1]), np.int32(flat[q + 2])
-        hi, lo = max(r, max(g, b)), min(r, min(g, b))
-        count += np.int32((hi - lo) * 100 > hi * saturation_percent)
+        count += _is_tissue(np.int32(flat[q]), np.int32(flat[q + 1]), np.int32(flat[q + 2]), saturation_percent)
     return count
 
 
@@ -58,7 +62,7 @@ def _variance(s1: int, s2: int, count: int) -> float:
 
 
 @numba.njit("void(uint8[:, :, :, ::1], int64, int64, int64, int64, int64, int64[::1], float64[:, ::1])",
-            cache=True, nogil=True, boundscheck=False, error_model="numpy")  # typed: compiled (or loaded) at import
+            **_OPTIONS)  # typed: compiled (or loaded from the cache) at import
 def qc_metrics(images: np.ndarray, r0: int, r1: int, c0: int, c1: int, saturation_percent: int,
                ranks: np.ndarray, out: np.ndarray) -> None:
     """qc.COLUMNS of each (H, W, 3) uint8 patch into `out` (N, 4 + len(ranks)); the window is rows [r0, r1) x [c0, c1).
@@ -81,8 +85,7 @@ def qc_metrics(images: np.ndarray, r0: int, r1: int, c0: int, c1: int, saturatio
         tissue = 0
         for p in range(m):
             r, gg, b = np.int32(flat[3 * p]), np.int32(flat[3 * p + 1]), np.int32(flat[3 * p + 2])
-            hi, lo = max(r, max(gg, b)), min(r, min(gg, b))
-            tissue += np.int32((hi - lo) * 100 > hi * saturation_percent)
+            tissue += _is_tissue(r, gg, b, saturation_percent)
             level = (r * 77 + gg * 150 + b * 29 + 128) >> 8
             g[p] = level
             hist[level] += 1
@@ -103,8 +106,7 @@ def qc_metrics(images: np.ndarray, r0: int, r1: int, c0: int, c1: int, saturatio
             out[k, 4 + q] = level
 
 
-@numba.njit("void(uint8[:, :, :, ::1], int64[::1], int64[::1])", cache=True, nogil=True, boundscheck=False,
-            error_model="numpy")
+@numba.njit("void(uint8[:, :, :, ::1], int64[::1], int64[::1])", **_OPTIONS)
 def channel_sums(images: np.ndarray, sums: np.ndarray, squares: np.ndarray) -> None:
     """Add each channel's sum of values and of squares over an (N, H, W, C) uint8 batch to `sums`, `squares` (C,) int64."""
     n, h, w, c = images.shape

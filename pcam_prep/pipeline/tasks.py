@@ -27,7 +27,7 @@ BLOCK_ROWS = 512  # images in memory per task at a time: ~14 MB at 96x96
 class PieceResult:
     """One written piece: a shard, a row range of a store, or a whole file."""
 
-    kind: str  # wds | zarr | hdf5 | torchvision-h5
+    kind: str  # wds | zarr | hdf5 | torchvision-h5 | hdf5-rows (chunks of an HDF5 file not yet finished)
     split: str
     path: str
     count: int

@@ -70,11 +70,11 @@ def write_outputs(executor: Executor, out: Path, found: Analysis, config: BuildC
         if direct:
             # Unfiltered: chunk ranges written in place by parallel tasks beside the shards, renamed and hashed after
             for split, (where, chunk) in offsets.items():
-                n, step = len(frames[split]), chunk * max(1, 2048 // chunk)
-                tasks += [(write_hdf5_rows, (str(h5_tmp), split, s, shape, found.rows(split).part(s, s + step),
-                                             where, chunk)) for s in range(0, n, step)]
-                units += [min(step, n - s) for s in range(0, n, step)]
-                bars += ["hdf5"] * len(range(0, n, step))
+                parts = _pieces(len(frames[split]), chunk)
+                tasks += [(write_hdf5_rows, (str(h5_tmp), split, s, shape, found.rows(split).part(s, e), where, chunk))
+                          for s, e in parts]
+                units += [e - s for s, e in parts]
+                bars += ["hdf5"] * len(parts)
     first = executor.map("shards", tasks, units, bars)
     pieces += [piece for piece in first if piece.kind == "wds"]
     if plan:
@@ -93,18 +93,26 @@ def write_outputs(executor: Executor, out: Path, found: Analysis, config: BuildC
         for split, frame in frames.items():
             arrays.write_zarr_columns(zarr_tmp, split, _columns(frame, specs[split]))
             shard = arrays.zarr_shard_rows(config.chunk_rows, len(frame))
-            step = shard * max(1, 2048 // shard)  # whole shard files per piece: one writer per file
-            starts = range(0, len(frame), step)
-            tasks += [(write_zarr_piece, (str(zarr_tmp), split, s, shape, rows[split].part(s, s + step), shard))
-                      for s in starts]
-            units += [min(step, len(frame) - s) for s in starts]
-            bars += ["zarr"] * len(starts)
+            parts = _pieces(len(frame), shard)  # whole shard files per piece: one writer per file
+            tasks += [(write_zarr_piece, (str(zarr_tmp), split, s, shape, rows[split].part(s, e), shard))
+                      for s, e in parts]
+            units += [e - s for s, e in parts]
+            bars += ["zarr"] * len(parts)
     tv_tasks, tv_units = _torchvision_tasks(out, found, rows, config.torchvision_names)
     results = executor.map("arrays", tasks + tv_tasks, units + tv_units, bars + ["torchvision"] * len(tv_tasks))
     pieces += [piece for result in results for piece in (result if isinstance(result, tuple) else (result,))]
     if zarr_tmp is not None:
         arrays.finish_store(zarr_tmp, out / ZARR_NAME)
     return pieces
+
+
+PIECE_ROWS = 2048  # images per Zarr / HDF5 task, rounded down to whole chunks (at least one)
+
+
+def _pieces(n: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of whole `chunk`s covering `n` rows, ~PIECE_ROWS each: one task each."""
+    step = chunk * max(1, PIECE_ROWS // chunk)
+    return [(start, min(start + step, n)) for start in range(0, n, step)]
 
 
 SPACE_MARGIN = 1.05  # tar end blocks, HDF5/Zarr metadata, the tables and the manifest
