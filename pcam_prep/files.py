@@ -15,10 +15,12 @@ import tomllib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
+
+import numpy as np
 
 from .errors import PcamPrepError, Refused, SourceChanged
-from .memory import scratch
+from .memory import page_buffer, scratch
 
 LOCK_NAME = ".pcam-prep.lock"  # inside OUT; held (flock) for the whole build, released by the kernel on exit
 
@@ -58,6 +60,86 @@ def write_csv_atomic(path: Path, header: Iterable[Any], rows: Iterable[Iterable[
         out.writerows(rows)
     os.replace(tmp, path)
     return path
+
+
+DIRECT_ALIGN = 4096  # memory, offset and length alignment that O_DIRECT accepts on every Linux filesystem
+_DIRECT_BUFFER = 8 * 1024 * 1024
+
+
+class DirectWriter:
+    """A new file written front to back through O_DIRECT where the filesystem takes it, else buffered.
+
+    Why: on these VMs a page-cache page the kernel has not used yet costs more to fill than the
+    disk costs to write (dd: ~400 MB/s buffered into fresh pages, ~2 GB/s with O_DIRECT), and a
+    build's outputs are GBs nobody reads back at once. Bytes pass through one reused,
+    page-aligned buffer per thread (so one open writer per thread); the last write is padded
+    to the alignment and the file truncated to its true length. Filesystems that refuse O_DIRECT
+    (tmpfs, some network mounts) get ordinary writes. The bytes are the same either way.
+    """
+
+    def __init__(self, path: Path, direct: bool = True):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        self.fd = -1
+        if self.direct:
+            try:
+                self.fd = os.open(path, flags | os.O_DIRECT, 0o644)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self.direct = False
+        if self.fd < 0:
+            self.fd = os.open(path, flags, 0o644)
+        self.buf = page_buffer("direct", _DIRECT_BUFFER)
+        self.fill = 0
+        self.size = 0
+
+    def write(self, data) -> None:
+        view = np.frombuffer(memoryview(data).cast("B"), np.uint8)
+        while len(view):
+            n = min(len(view), len(self.buf) - self.fill)
+            self.buf[self.fill : self.fill + n] = view[:n]
+            self.fill += n
+            self.size += n
+            view = view[n:]
+            if self.fill == len(self.buf):
+                self._flush()
+
+    def _flush(self) -> None:
+        n = self.fill
+        if self.direct and n % DIRECT_ALIGN:
+            padded = n + (-n % DIRECT_ALIGN)
+            self.buf[n:padded] = 0
+            n = padded
+        view = memoryview(self.buf)[:n]
+        while len(view):
+            try:
+                view = view[os.write(self.fd, view):]
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not self.direct:
+                    raise
+                # The filesystem opened with O_DIRECT but refuses this write's alignment: go buffered.
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                self.direct = False
+        self.fill = 0
+
+    def close(self, flush: bool = True) -> None:
+        if self.fd < 0:
+            return
+        try:
+            if flush and self.fill:
+                self._flush()
+            if flush and os.fstat(self.fd).st_size != self.size:  # the padding of the last aligned write
+                os.ftruncate(self.fd, self.size)
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.close(flush=exc_type is None)  # after a failure the partial file is dropped, not completed
 
 
 def sha256_file(path: Path) -> str:

@@ -7,6 +7,7 @@ hot loops reuse buffers and freed blocks are kept for reuse rather than returned
 from __future__ import annotations
 
 import ctypes
+import mmap
 import threading
 
 import numpy as np
@@ -69,3 +70,15 @@ def scratch(name: str, shape: tuple[int, ...], zeroed: bool = False) -> np.ndarr
     if buf is None or buf.shape[1:] != tuple(shape[1:]) or len(buf) < shape[0]:
         buf = buffers[name] = (np.zeros if zeroed else np.empty)(tuple(shape), np.uint8)
     return buf[: shape[0]]
+
+
+def page_buffer(name: str, nbytes: int) -> np.ndarray:
+    """A per-thread, page-aligned uint8 buffer of exactly `nbytes`, reused across calls (O_DIRECT needs
+    aligned memory; an anonymous mapping is aligned and its pages, once touched, stay ours)."""
+    buffers = getattr(_local, "pages", None)
+    if buffers is None:
+        buffers = _local.pages = {}
+    buf = buffers.get(name)
+    if buf is None or len(buf) != nbytes:
+        buf = buffers[name] = np.frombuffer(mmap.mmap(-1, nbytes), np.uint8)
+    return buf

@@ -54,6 +54,7 @@ def patches() -> dict[str, np.ndarray]:
         "extremes": rng.choice(np.array([0, 255], np.uint8), (16, 96, 96, 3)),
         "black and white": np.stack([np.zeros((96, 96, 3), np.uint8), np.full((96, 96, 3), 255, np.uint8)]),
         "not 96 and not square": rng.integers(0, 256, (8, 50, 71, 3), dtype=np.uint8),
+        "all 255, past 32-bit per-patch sums": np.full((2, 190, 190, 3), 255, np.uint8),
     }
 
 
@@ -75,5 +76,14 @@ def test_channel_moments_are_the_exact_integer_sums(name: str) -> None:
     wide = images.astype(np.int64)
     m = channel_moments(images)
     assert m.count == images.shape[0] * images.shape[1] * images.shape[2]
+    assert m.sums == tuple(int(v) for v in wide.sum(axis=(0, 1, 2)))
+    assert m.squares == tuple(int(v) for v in (wide * wide).sum(axis=(0, 1, 2)))
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_channel_moments_of_other_channel_counts(channels: int) -> None:
+    images = np.random.default_rng(3).integers(0, 256, (5, 20, 30, channels), dtype=np.uint8)
+    wide = images.astype(np.int64)
+    m = channel_moments(images)
     assert m.sums == tuple(int(v) for v in wide.sum(axis=(0, 1, 2)))
     assert m.squares == tuple(int(v) for v in (wide * wide).sum(axis=(0, 1, 2)))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import sha256_file, tmp_path
+from ..files import DirectWriter, sha256_file, tmp_path
 from ..memory import scratch
 from ..schema import IMAGE_MEMBER, LABEL_MEMBER, TAR_BLOCK, TAR_RECORD, SampleLayout
 
@@ -92,7 +92,7 @@ def write_shard(
     digest = hashlib.sha256()
     tmp = tmp_path(path)
     count = nbytes = 0
-    with open(tmp, "wb") as fh:
+    with DirectWriter(tmp) as fh:
         for ids, images, labels in blocks:
             data = encode_block(layout, ids, images, labels).data
             fh.write(data)
