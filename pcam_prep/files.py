@@ -6,6 +6,7 @@ import csv
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -66,6 +67,37 @@ DIRECT_ALIGN = 4096  # memory, offset and length alignment that O_DIRECT accepts
 _DIRECT_BUFFER = 8 * 1024 * 1024
 
 
+def open_direct(path: Path, flags: int, direct: bool = True) -> tuple[int, bool]:
+    """(fd, opened with O_DIRECT): `path` opened with O_DIRECT where asked and the filesystem takes it, else without."""
+    flags |= os.O_CLOEXEC
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, flags | os.O_DIRECT, 0o644), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    return os.open(path, flags, 0o644), False
+
+
+def pwrite_all(fd: int, view: memoryview, offset: int, direct: bool) -> bool:
+    """Write all of `view` at `offset`; returns whether `fd` is still O_DIRECT.
+
+    A filesystem that opens with O_DIRECT but refuses a write's alignment (EINVAL) gets the write
+    buffered, and the descriptor stays buffered from then on.
+    """
+    while len(view):
+        try:
+            done = os.pwrite(fd, view, offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or not direct:
+                raise
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            direct = False
+            continue
+        view, offset = view[done:], offset + done
+    return direct
+
+
 class DirectWriter:
     """A new file written front to back through O_DIRECT where the filesystem takes it, else buffered.
 
@@ -74,25 +106,15 @@ class DirectWriter:
     build's outputs are GBs nobody reads back at once. Bytes pass through one reused,
     page-aligned buffer per thread (so one open writer per thread); the last write is padded
     to the alignment and the file truncated to its true length. Filesystems that refuse O_DIRECT
-    (tmpfs, some network mounts) get ordinary writes. The bytes are the same either way.
+    (older tmpfs, some network mounts) get ordinary writes. The bytes are the same either way.
     """
 
     def __init__(self, path: Path, direct: bool = True):
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-        self.direct = direct and hasattr(os, "O_DIRECT")
-        self.fd = -1
-        if self.direct:
-            try:
-                self.fd = os.open(path, flags | os.O_DIRECT, 0o644)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self.direct = False
-        if self.fd < 0:
-            self.fd = os.open(path, flags, 0o644)
+        self.fd, self.direct = open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, direct)
         self.buf = page_buffer("direct", _DIRECT_BUFFER)
         self.fill = 0
-        self.size = 0
+        self.size = 0  # bytes given to write()
+        self.written = 0  # bytes in the file: `size` rounded up to the alignment after the last flush
 
     def write(self, data) -> None:
         view = np.frombuffer(memoryview(data).cast("B"), np.uint8)
@@ -111,16 +133,8 @@ class DirectWriter:
             padded = n + (-n % DIRECT_ALIGN)
             self.buf[n:padded] = 0
             n = padded
-        view = memoryview(self.buf)[:n]
-        while len(view):
-            try:
-                view = view[os.write(self.fd, view):]
-            except OSError as exc:
-                if exc.errno != errno.EINVAL or not self.direct:
-                    raise
-                # The filesystem opened with O_DIRECT but refuses this write's alignment: go buffered.
-                fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-                self.direct = False
+        self.direct = pwrite_all(self.fd, memoryview(self.buf)[:n], self.written, self.direct)
+        self.written += n
         self.fill = 0
 
     def close(self, flush: bool = True) -> None:
@@ -142,13 +156,21 @@ class DirectWriter:
         self.close(flush=exc_type is None)  # after a failure the partial file is dropped, not completed
 
 
-def sha256_file(path: Path) -> str:
-    return hash_file(path, "sha256")[1]
+def sha256_file(path: Path, direct: bool = False) -> str:
+    return hash_file(path, "sha256", direct)[1]
 
 
-def hash_file(path: Path, algorithm: str) -> tuple[int, str]:
-    """(size in bytes, hex digest) of a file, streamed through one reused buffer."""
+def hash_file(path: Path, algorithm: str, direct: bool = False) -> tuple[int, str]:
+    """(size in bytes, hex digest) of a file, streamed through reused buffers.
+
+    `direct` is for big files this process family wrote with O_DIRECT: they are read with O_DIRECT
+    too (where the filesystem allows) into two aligned buffers, the next read running in a thread
+    while the last one is hashed, so the file neither passes through fresh page-cache pages nor
+    waits for the disk between hash calls.
+    """
     digest = hashlib.new(algorithm, usedforsecurity=False)  # integrity checks, not security: md5 stays allowed
+    if direct:
+        return _hash_direct(path, digest)
     buf = scratch("hash", (_HASH_CHUNK,))  # one reused buffer: fresh pages per read cost more than hashing
     view = memoryview(buf)
     size = 0
@@ -156,6 +178,27 @@ def hash_file(path: Path, algorithm: str) -> tuple[int, str]:
         while n := fh.readinto(buf):
             digest.update(view[:n])
             size += n
+    return size, digest.hexdigest()
+
+
+def _hash_direct(path: Path, digest) -> tuple[int, str]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    fd, _ = open_direct(path, os.O_RDONLY)
+    buffers = [page_buffer(f"hash-{i}", _DIRECT_BUFFER) for i in (0, 1)]
+    size = 0
+    try:
+        with ThreadPoolExecutor(1) as reader:
+            pending = reader.submit(os.preadv, fd, [buffers[0]], 0)
+            for turn in itertools.count():
+                n = pending.result()
+                if not n:
+                    break
+                size += n
+                pending = reader.submit(os.preadv, fd, [buffers[(turn + 1) % 2]], size)
+                digest.update(memoryview(buffers[turn % 2])[:n])  # hashlib releases the GIL: the read overlaps
+    finally:
+        os.close(fd)
     return size, digest.hexdigest()
 
 

@@ -25,7 +25,17 @@ import numpy as np
 
 from .errors import PcamPrepError
 from .memory import scratch
-from .schema import IMAGE_MEMBER, LABEL_MEMBER, TAR_BLOCK, SampleLayout, pixels_view
+from .schema import (
+    IMAGE_MEMBER,
+    LABEL_MEMBER,
+    TAR_BLOCK,
+    SampleLayout,
+    pixels_view,
+    zarr_shard_body,
+    zarr_shard_key,
+    zarr_shard_tail,
+    zarr_sharding,
+)
 
 
 class ShardError(PcamPrepError):
@@ -223,47 +233,18 @@ def mapped_hdf5_chunks(dataset) -> tuple[list[np.ndarray], int] | None:
     return blocks, per
 
 
-ZARR_INDEX_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
-_ABSENT = np.uint64(2**64 - 1)  # the index entry of an inner chunk that was never written
-
-
-def zarr_sharding(meta: dict) -> tuple[int, int] | None:
-    """(rows per shard, rows per inner chunk) of a Zarr v3 `x` laid out as `build` writes it, else None.
-
-    That layout: uint8, regular shards of whole images keyed `c/i/0/0/0`, uncompressed inner
-    chunks (`bytes` only) and the default index (little-endian, crc32c, at the end). In it a
-    shard's rows are plain C-order bytes from offset 0 (Zarr v3 sharding spec, `sharding_indexed`).
-    """
-    try:
-        (codec,) = meta["codecs"]
-        config, grid = codec["configuration"], meta["chunk_grid"]
-        shard, inner, image = grid["configuration"]["chunk_shape"], config["chunk_shape"], meta["shape"][1:]
-        ours = (codec["name"] == "sharding_indexed" and grid["name"] == "regular" and meta["data_type"] == "uint8"
-                and shard[1:] == inner[1:] == image and shard[0] % inner[0] == 0
-                and [c["name"] for c in config["codecs"]] == ["bytes"] and config["index_codecs"] == ZARR_INDEX_CODECS
-                and config.get("index_location", "end") == "end" and not meta.get("storage_transformers")
-                and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}})
-    except (KeyError, TypeError, ValueError):
-        return None
-    return (shard[0], inner[0]) if ours else None
-
-
 def check_zarr_shard(path: Path, size: int, tail: np.ndarray, rows: int, per: tuple[int, int],
                      image_bytes: int) -> None:
     """A shard file of `size` bytes ending in `tail` holds `rows` images as `zarr_sharding` describes, index intact."""
     import google_crc32c  # a dependency of zarr itself
 
-    shard, inner = per
-    used, entries, chunk_bytes = -(-rows // inner), shard // inner, inner * image_bytes  # the last used one is padded
-    if size != used * chunk_bytes + len(tail):
-        raise ShardError(f"{path}: {size} bytes, expected {used * chunk_bytes + len(tail)} for {rows} images "
+    body, expected = zarr_shard_body(rows, per, image_bytes), zarr_shard_tail(rows, per, image_bytes)
+    if size != body + len(expected):
+        raise ShardError(f"{path}: {size} bytes, expected {body + len(expected)} for {rows} images "
                          "in uncompressed inner chunks; rebuild or run `pcam-prep verify`")
     if google_crc32c.value(tail[:-4].tobytes()) != int.from_bytes(tail[-4:].tobytes(), "little"):
         raise ShardError(f"{path}: the shard index fails its crc32c check; rebuild or run `pcam-prep verify`")
-    found = tail[:-4].view("<u8").reshape(entries, 2)
-    offsets = np.arange(used, dtype=np.uint64) * np.uint64(chunk_bytes)
-    if not ((found[:used, 0] == offsets).all() and (found[:used, 1] == chunk_bytes).all()
-            and (found[used:] == _ABSENT).all()):
+    if tail.tobytes() != expected:
         raise ShardError(f"{path}: inner chunks are not stored in order and whole, as `build` writes them")
 
 
@@ -293,7 +274,7 @@ class ZarrShards:
         return int(np.prod(self.image))
 
     def path(self, shard: int) -> Path:
-        path = self.folder.joinpath("c", str(shard), *["0"] * len(self.image))
+        path = self.folder.joinpath(*zarr_shard_key(shard, 1 + len(self.image)))
         if not path.is_file():
             raise ShardError(f"{path}: missing; rebuild or run `pcam-prep verify`")
         return path

@@ -164,6 +164,55 @@ def pixels_view(data: np.ndarray, layout: SampleLayout, count: int) -> np.ndarra
     )
 
 
+ZARR_INDEX_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+ZARR_ABSENT = 2**64 - 1  # the index entry of an inner chunk that was never written
+
+
+def zarr_sharding(meta: dict) -> tuple[int, int] | None:
+    """(rows per shard, rows per inner chunk) of a Zarr v3 `x` laid out as `build` writes it, else None.
+
+    That layout: uint8, regular shards of whole images keyed `c/i/0/0/0`, uncompressed inner
+    chunks (`bytes` only) and the default index (little-endian, crc32c, at the end). In it a
+    shard's rows are plain C-order bytes from offset 0 (Zarr v3 sharding spec, `sharding_indexed`).
+    """
+    try:
+        (codec,) = meta["codecs"]
+        config, grid = codec["configuration"], meta["chunk_grid"]
+        shard, inner, image = grid["configuration"]["chunk_shape"], config["chunk_shape"], meta["shape"][1:]
+        ours = (codec["name"] == "sharding_indexed" and grid["name"] == "regular" and meta["data_type"] == "uint8"
+                and shard[1:] == inner[1:] == image and shard[0] % inner[0] == 0
+                and [c["name"] for c in config["codecs"]] == ["bytes"] and config["index_codecs"] == ZARR_INDEX_CODECS
+                and config.get("index_location", "end") == "end" and not meta.get("storage_transformers")
+                and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}})
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (shard[0], inner[0]) if ours else None
+
+
+def zarr_shard_body(rows: int, per: tuple[int, int], image_bytes: int) -> int:
+    """Bytes before the index in a shard of `rows` images: every inner chunk that holds one, the last zero-padded."""
+    return -(-rows // per[1]) * per[1] * image_bytes
+
+
+def zarr_shard_tail(rows: int, per: tuple[int, int], image_bytes: int) -> bytes:
+    """The index a shard of `rows` images ends with: (offset, nbytes) little-endian uint64 per inner chunk, in
+    order, `ZARR_ABSENT` for chunks past the array's end, then the crc32c of those bytes (zarr writes exactly this)."""
+    import google_crc32c  # a dependency of zarr itself
+
+    shard, inner = per
+    used, chunk_bytes = -(-rows // inner), inner * image_bytes
+    index = np.full((shard // inner, 2), ZARR_ABSENT, "<u8")
+    index[:used, 0] = np.arange(used, dtype=np.uint64) * np.uint64(chunk_bytes)
+    index[:used, 1] = chunk_bytes
+    data = index.tobytes()
+    return data + google_crc32c.value(data).to_bytes(4, "little")
+
+
+def zarr_shard_key(shard: int, ndim: int) -> tuple[str, ...]:
+    """Path parts of shard `shard` inside an array's folder: `c/i/0/0/0` (default key encoding, "/")."""
+    return ("c", str(shard), *["0"] * (ndim - 1))
+
+
 class RowSource(Protocol):
     """Rows of one split that a build task reads again: source files, PCam rows or finished shards.
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pcam_prep.files import DIRECT_ALIGN, DirectWriter
+from pcam_prep.files import DIRECT_ALIGN, DirectWriter, hash_file
 
 
 def pieces(seed: int) -> list[bytes]:
@@ -48,3 +49,12 @@ def test_a_failure_inside_the_block_leaves_the_buffered_tail_unwritten(tmp_path:
         fh.write(b"x" * 100)
         raise RuntimeError("stop")
     assert path.stat().st_size == 0  # the caller drops the partial file; nothing pretends to be whole
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 8 * 1024 * 1024, 8 * 1024 * 1024 + 1, 20_000_123])
+def test_hashing_with_direct_reads_gives_the_plain_digest(tmp_path: Path, size: int) -> None:
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)  # buffered and maybe still dirty: the direct read must see it all the same
+    assert hash_file(path, "sha256", direct=True) == (size, hashlib.sha256(data).hexdigest())
+    assert hash_file(path, "sha256") == (size, hashlib.sha256(data).hexdigest())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -145,3 +146,23 @@ def test_parallel_pieces_own_whole_shards_and_give_the_same_bytes(tmp_path: Path
     shards = open_source(tmp_path / "two", "train")
     np.testing.assert_array_equal(x[:], shards.take(np.arange(len(shards))))
     assert verify(tmp_path / "two").ok
+
+
+@pytest.mark.parametrize("n", [600, 256, 40, 7])
+def test_shard_files_written_directly_are_the_bytes_stock_zarr_writes(tmp_path: Path, n: int) -> None:
+    """write_zarr_shard against zarr itself writing the same rows into the same array definition."""
+    from pcam_prep.writers import arrays
+
+    images = np.random.default_rng(n).integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
+    ours = arrays.create_zarr(tmp_path / "ours.zarr", {"train": n}, (96, 96, 3), 256)
+    theirs = arrays.create_zarr(tmp_path / "theirs.zarr", {"train": n}, (96, 96, 3), 256)
+    rows = arrays.zarr_shard_rows(256, n)
+    digests = dict(arrays.write_zarr_shard(ours, "train", s // rows, images[s : s + rows]) for s in range(0, n, rows))
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        zarr.open_array(store=str(theirs), path="train/x", mode="r+")[:] = images
+    files = sorted(p.relative_to(theirs).as_posix() for p in (theirs / "train/x/c").rglob("*") if p.is_file())
+    assert sorted(digests) == files and len(files) == -(-n // rows)
+    for rel in files:
+        assert (ours / rel).read_bytes() == (theirs / rel).read_bytes(), rel
+        assert digests[rel] == hashlib.sha256((ours / rel).read_bytes()).hexdigest()
+    np.testing.assert_array_equal(zarr.open_array(store=str(ours), path="train/x", mode="r")[:], images)

@@ -63,21 +63,6 @@ def piece_plan(shape, ids: list[str], labels: np.ndarray | None, sources: RowSou
     return digest.hexdigest()
 
 
-def write_zarr_piece(
-    store: str, split: str, start: int, shape: tuple[int, int, int], sources: RowSource, shard_rows: int
-) -> PieceResult:
-    """Rows [start, start+len(sources)) of `{split}/x`: whole shard files, which no other piece touches."""
-    if start % shard_rows:
-        raise ValueError(f"a Zarr piece must start on a shard boundary ({shard_rows} rows), got row {start}")
-    rows = max(shard_rows, BLOCK_ROWS // shard_rows * shard_rows)  # whole shards per write
-    for offset, images in sources.blocks(shape, rows):
-        arrays.write_zarr_rows(Path(store), split, start + offset, images)
-    shards = range(start // shard_rows, -(-(start + len(sources)) // shard_rows))
-    files = arrays.chunk_files(Path(store), split, shards)
-    digests = {rel: sha256_file(Path(store) / rel) for rel in files}  # hashed here, in parallel
-    return PieceResult("zarr", split, store, len(sources), None, digests)
-
-
 def write_hdf5_piece(
     tmp: str, path: str, shape: tuple[int, int, int], chunk_rows: int, splits: dict[str, RowSource]
 ) -> PieceResult:
@@ -88,19 +73,33 @@ def write_hdf5_piece(
     return PieceResult("hdf5", "all", path, count, sha256_file(Path(path)))
 
 
-def write_hdf5_rows(tmp: str, split: str, start: int, shape: tuple[int, int, int], sources: RowSource,
-                    offsets: np.ndarray, chunk_rows: int) -> PieceResult:
-    """Rows [start, start+len(sources)) of `{split}/x` in the unfiltered HDF5 file at `tmp`: whole chunks, in place."""
-    rows = max(chunk_rows, BLOCK_ROWS // chunk_rows * chunk_rows)
-    for offset, images in sources.blocks(shape, rows):
-        arrays.write_hdf5_chunks(Path(tmp), offsets, chunk_rows, start + offset, images)
-    return PieceResult("hdf5-rows", split, tmp, len(sources), None)
+def write_array_rows(split: str, start: int, shape: tuple[int, int, int], sources: RowSource, chunk_rows: int,
+                     zarr_store: str | None, hdf5: tuple[str, np.ndarray] | None) -> tuple[PieceResult, ...]:
+    """Rows [start, start+len(sources)) of `{split}/x` in the Zarr store and/or the unfiltered HDF5 file.
+
+    Both cut `x` into the same `chunk_rows` blocks, so each block is read from the sources once and
+    written as one Zarr shard file (no other piece touches it) and as whole HDF5 chunks in place, at
+    the byte offsets `hdf5 = (file, offsets)` lists (`write_hdf5_piece` fills a compressed file).
+    """
+    if start % chunk_rows:
+        raise ValueError(f"array rows must start on a chunk boundary ({chunk_rows} rows), got row {start}")
+    digests = {}
+    for offset, images in sources.blocks(shape, chunk_rows):
+        if zarr_store is not None:
+            rel, digest = arrays.write_zarr_shard(Path(zarr_store), split, (start + offset) // chunk_rows, images)
+            digests[rel] = digest
+        if hdf5 is not None:
+            arrays.write_hdf5_chunks(Path(hdf5[0]), hdf5[1], chunk_rows, start + offset, images)
+    done = [PieceResult("zarr", split, zarr_store, len(sources), None, digests)] if zarr_store is not None else []
+    if hdf5 is not None:
+        done.append(PieceResult("hdf5-rows", split, hdf5[0], len(sources), None))
+    return tuple(done)
 
 
 def finish_hdf5_piece(tmp: str, path: str, count: int) -> PieceResult:
-    """The HDF5 file whose chunks `write_hdf5_rows` filled, renamed into place and hashed."""
+    """The HDF5 file whose chunks `write_array_rows` filled, renamed into place and hashed."""
     os.replace(tmp, path)
-    return PieceResult("hdf5", "all", path, count, sha256_file(Path(path)))
+    return PieceResult("hdf5", "all", path, count, sha256_file(Path(path), direct=True))  # its chunks bypassed the cache
 
 
 def write_torchvision_piece(

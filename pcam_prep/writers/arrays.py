@@ -14,6 +14,8 @@ straight out of them (README "Zarr layout" has the figures behind these choices)
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -23,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PcamPrepError
-from ..files import tmp_path
+from ..files import DIRECT_ALIGN, DirectWriter, open_direct, pwrite_all, tmp_path
+from ..memory import page_buffer
+from ..schema import zarr_shard_body, zarr_shard_key, zarr_shard_tail, zarr_sharding
 
 # zarr and h5py are imported where used: a wds-only build never pays for them (~0.3 s).
 
@@ -37,6 +41,7 @@ ZARR_INNER_ROWS = 16
 # ratio of ~1.0 and gzip is slower still, so the default is none; readers such as
 # torchvision's PCAM need no plugin either way.
 HDF5_CODECS = {"none": None, "lzf": "lzf", "gzip": "gzip"}
+_HDF5_ALIGN_ABOVE = 64 * 1024  # objects of at least this many bytes are aligned; small metadata stays packed
 
 
 def column_dtypes() -> dict[str, np.dtype | type]:
@@ -67,26 +72,31 @@ def create_zarr(path: Path, counts: dict[str, int], shape: tuple[int, ...], chun
     return tmp
 
 
-def write_zarr_rows(store: Path, split: str, start: int, images: np.ndarray) -> None:
-    """Fill rows [start, start+len) of `{split}/x`; callers keep ranges shard-aligned.
+def write_zarr_shard(store: Path, split: str, shard: int, images: np.ndarray) -> tuple[str, str]:
+    """Shard file `shard` of `{split}/x` holding `images` (all its rows), written directly; (store-relative path, sha256).
 
-    A shard file is written whole, so one writer per shard: two tasks writing parts of the
-    same shard would each rewrite the file from what they read, and one would lose.
+    The bytes are exactly those zarr writes for the layout `create_zarr` declares (schema.zarr_sharding:
+    uncompressed inner chunks in order, the last zero-padded, then the crc32c-checked index;
+    tests/test_zarr.py compares the two), without zarr's per-chunk codec pipeline or the page cache.
+    One writer per shard file: callers give each shard to one task.
     """
-    import zarr
-
-    with zarr.config.set({"array.write_empty_chunks": True}):  # full chunks: skip the all-equal scan
-        array = zarr.open_array(store=str(store), path=f"{split}/x", mode="r+")
-        array[start : start + len(images)] = images
-
-
-def chunk_files(store: Path, split: str, shards: range) -> list[str]:
-    """Store-relative paths of the files holding image shards `shards` of `{split}/x`."""
-    found = []
-    for index in shards:
-        folder = store / split / "x" / "c" / str(index)
-        found += [p.relative_to(store).as_posix() for p in folder.rglob("*") if p.is_file()]
-    return found
+    folder = store / split / "x"
+    per = zarr_sharding(json.loads((folder / "zarr.json").read_text()))
+    if per is None:
+        raise PcamPrepError(f"{folder}: not the Zarr layout create_zarr makes; cannot write shard {shard} directly")
+    rows, image_bytes = len(images), int(np.prod(images.shape[1:]))
+    if not 0 < rows <= per[0]:
+        raise ValueError(f"a shard of {per[0]} rows cannot hold {rows} images")
+    path = folder.joinpath(*zarr_shard_key(shard, images.ndim))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = zarr_shard_body(rows, per, image_bytes)
+    pieces = (np.ascontiguousarray(images), bytes(body - rows * image_bytes), zarr_shard_tail(rows, per, image_bytes))
+    digest = hashlib.sha256()
+    with DirectWriter(path) as fh:
+        for piece in pieces:
+            digest.update(piece)
+            fh.write(piece)
+    return path.relative_to(store).as_posix(), digest.hexdigest()
 
 
 def write_zarr_columns(store: Path, split: str, columns: dict[str, np.ndarray]) -> None:
@@ -121,7 +131,9 @@ def create_hdf5(
 
     tmp = tmp_path(path)
     # No timestamps (track_times=False) so the same data gives the same bytes.
-    with h5py.File(tmp, "w", libver=("v110", "v110"), track_order=False) as fh:
+    # Large objects (the image chunks) start on DIRECT_ALIGN boundaries, so tasks can write them with O_DIRECT.
+    with h5py.File(tmp, "w", libver=("v110", "v110"), track_order=False, alignment_threshold=_HDF5_ALIGN_ABOVE,
+                   alignment_interval=DIRECT_ALIGN) as fh:
         for split, (n, columns) in splits.items():
             group = fh.create_group(split)
             direct = {}
@@ -172,15 +184,16 @@ def write_hdf5_chunks(path: Path, offsets: np.ndarray, chunk_rows: int, start: i
     """
     if start % chunk_rows:
         raise ValueError(f"HDF5 rows must start on a chunk boundary ({chunk_rows} rows), got row {start}")
-    row_bytes = int(np.prod(images.shape[1:]))
-    fd = os.open(path, os.O_WRONLY)
+    chunk_bytes = chunk_rows * int(np.prod(images.shape[1:]))
+    aligned = chunk_bytes % DIRECT_ALIGN == 0 and not (offsets % DIRECT_ALIGN).any()
+    fd, direct = open_direct(path, os.O_WRONLY, aligned)
+    buf = page_buffer("hdf5-chunk", chunk_bytes)
     try:
         for at in range(0, len(images), chunk_rows):
-            part = np.ascontiguousarray(images[at : at + chunk_rows])
-            data = memoryview(part).cast("B")
-            if len(part) < chunk_rows:
-                data = bytes(data) + bytes((chunk_rows - len(part)) * row_bytes)
-            os.pwrite(fd, data, int(offsets[(start + at) // chunk_rows]))
+            part = np.ascontiguousarray(images[at : at + chunk_rows]).reshape(-1)
+            buf[: len(part)] = part  # O_DIRECT needs aligned memory; the copy is ~1 us an image
+            buf[len(part) :] = 0
+            direct = pwrite_all(fd, memoryview(buf), int(offsets[(start + at) // chunk_rows]), direct)
     finally:
         os.close(fd)
 

@@ -127,7 +127,7 @@ def reuse_finished(path: Path, plan: str) -> ShardResult | None:
         return None
     if record.get("plan") != plan or not path.is_file() or path.stat().st_size != record.get("nbytes"):
         return None
-    if sha256_file(path) != record["sha256"]:
+    if sha256_file(path, direct=True) != record["sha256"]:  # written with O_DIRECT: read it back that way
         return None
     return ShardResult(path, record["count"], record["sha256"], record["nbytes"])
 
