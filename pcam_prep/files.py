@@ -11,9 +11,11 @@ import json
 import os
 import platform
 import shutil
+import threading
 import time
 import tomllib
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
@@ -98,53 +100,102 @@ def pwrite_all(fd: int, view: memoryview, offset: int, direct: bool) -> bool:
     return direct
 
 
+_local = threading.local()
+
+
+def _background() -> ThreadPoolExecutor:
+    """This thread's one writer thread (made once, reused by every file the thread writes)."""
+    pool = getattr(_local, "writer", None)
+    if pool is None:
+        pool = _local.writer = ThreadPoolExecutor(1, thread_name_prefix="pcam-prep-write")
+    return pool
+
+
 class DirectWriter:
-    """A new file written front to back through O_DIRECT where the filesystem takes it, else buffered.
+    """A file written through O_DIRECT where the filesystem takes it, else buffered, with the disk
+    write of one buffer running in a thread while the caller fills the next.
 
     Why: on these VMs a page-cache page the kernel has not used yet costs more to fill than the
     disk costs to write (dd: ~400 MB/s buffered into fresh pages, ~2 GB/s with O_DIRECT), and a
-    build's outputs are GBs nobody reads back at once. Bytes pass through one reused,
-    page-aligned buffer per thread (so one open writer per thread); the last write is padded
-    to the alignment and the file truncated to its true length. Filesystems that refuse O_DIRECT
-    (older tmpfs, some network mounts) get ordinary writes. The bytes are the same either way.
+    build's outputs are GBs nobody reads back at once. But a direct write blocks until the disk
+    has the bytes, so two reused, page-aligned buffers per calling thread take turns: `pwrite`
+    releases the GIL and the caller's decoding and hashing overlap the disk. One open writer per
+    thread. Filesystems that refuse O_DIRECT (older tmpfs, some network mounts) get ordinary
+    writes; the bytes are the same either way.
+
+    `write` appends from offset 0 of a new file (the last write padded to the alignment, the file
+    truncated to its true length at close); `write_at` puts one block of at most BUFFER bytes at a
+    given offset of an existing file (`create=False`), as HDF5 chunk ranges are filled.
     """
 
-    def __init__(self, path: Path, direct: bool = True):
-        self.fd, self.direct = open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, direct)
-        self.buf = page_buffer("direct", _DIRECT_BUFFER)
+    BUFFER = _DIRECT_BUFFER
+
+    def __init__(self, path: Path, direct: bool = True, create: bool = True):
+        flags = os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if create else 0)
+        self.fd, self.direct = open_direct(path, flags, direct)
+        self.buffers = [page_buffer(f"direct-{i}", _DIRECT_BUFFER) for i in (0, 1)]
+        self.turn = 0  # the buffer being filled; the other may still be on its way to the disk
+        self.pending: Future | None = None
         self.fill = 0
         self.size = 0  # bytes given to write()
         self.written = 0  # bytes in the file: `size` rounded up to the alignment after the last flush
+        self.appended = False
 
     def write(self, data) -> None:
+        self.appended = True
         view = np.frombuffer(memoryview(data).cast("B"), np.uint8)
         while len(view):
-            n = min(len(view), len(self.buf) - self.fill)
-            self.buf[self.fill : self.fill + n] = view[:n]
+            buf = self.buffers[self.turn]
+            n = min(len(view), len(buf) - self.fill)
+            buf[self.fill : self.fill + n] = view[:n]
             self.fill += n
             self.size += n
             view = view[n:]
-            if self.fill == len(self.buf):
+            if self.fill == len(buf):
                 self._flush()
+
+    def write_at(self, data, offset: int) -> None:
+        """`data` (at most BUFFER bytes) at byte `offset`; with O_DIRECT, offset and length must be aligned."""
+        view = np.frombuffer(memoryview(data).cast("B"), np.uint8)
+        if self.appended or len(view) > _DIRECT_BUFFER:
+            raise ValueError(f"write_at takes one block of at most {_DIRECT_BUFFER} bytes, not mixed with write()")
+        self.buffers[self.turn][: len(view)] = view
+        self.fill = len(view)
+        self._submit(offset)
 
     def _flush(self) -> None:
         n = self.fill
         if self.direct and n % DIRECT_ALIGN:
             padded = n + (-n % DIRECT_ALIGN)
-            self.buf[n:padded] = 0
-            n = padded
-        self.direct = pwrite_all(self.fd, memoryview(self.buf)[:n], self.written, self.direct)
-        self.written += n
+            self.buffers[self.turn][n:padded] = 0
+            self.fill = padded
+        offset, self.written = self.written, self.written + self.fill
+        self._submit(offset)
+
+    def _submit(self, offset: int) -> None:
+        self._wait()
+        view = memoryview(self.buffers[self.turn])[: self.fill]
+        self.pending = _background().submit(pwrite_all, self.fd, view, offset, self.direct)
+        self.turn ^= 1
         self.fill = 0
+
+    def _wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self.direct = pending.result()  # raises the write's error (ENOSPC) here, in the caller
 
     def close(self, flush: bool = True) -> None:
         if self.fd < 0:
             return
         try:
-            if flush and self.fill:
-                self._flush()
-            if flush and os.fstat(self.fd).st_size != self.size:  # the padding of the last aligned write
-                os.ftruncate(self.fd, self.size)
+            if flush:
+                if self.fill:
+                    self._flush()
+                self._wait()
+                if self.appended and os.fstat(self.fd).st_size != self.size:  # the last aligned write's padding
+                    os.ftruncate(self.fd, self.size)
+            elif self.pending is not None:
+                self.pending.exception()  # a failure is being raised already: only let the write finish
         finally:
             os.close(self.fd)
             self.fd = -1
@@ -182,21 +233,19 @@ def hash_file(path: Path, algorithm: str, direct: bool = False) -> tuple[int, st
 
 
 def _hash_direct(path: Path, digest) -> tuple[int, str]:
-    from concurrent.futures import ThreadPoolExecutor
-
     fd, _ = open_direct(path, os.O_RDONLY)
     buffers = [page_buffer(f"hash-{i}", _DIRECT_BUFFER) for i in (0, 1)]
     size = 0
     try:
-        with ThreadPoolExecutor(1) as reader:
-            pending = reader.submit(os.preadv, fd, [buffers[0]], 0)
-            for turn in itertools.count():
-                n = pending.result()
-                if not n:
-                    break
-                size += n
-                pending = reader.submit(os.preadv, fd, [buffers[(turn + 1) % 2]], size)
-                digest.update(memoryview(buffers[turn % 2])[:n])  # hashlib releases the GIL: the read overlaps
+        reader = _background()
+        pending = reader.submit(os.preadv, fd, [buffers[0]], 0)
+        for turn in itertools.count():
+            n = pending.result()
+            if not n:
+                break
+            size += n
+            pending = reader.submit(os.preadv, fd, [buffers[(turn + 1) % 2]], size)
+            digest.update(memoryview(buffers[turn % 2])[:n])  # hashlib releases the GIL: the read overlaps
     finally:
         os.close(fd)
     return size, digest.hexdigest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -58,3 +59,24 @@ def test_hashing_with_direct_reads_gives_the_plain_digest(tmp_path: Path, size: 
     path.write_bytes(data)  # buffered and maybe still dirty: the direct read must see it all the same
     assert hash_file(path, "sha256", direct=True) == (size, hashlib.sha256(data).hexdigest())
     assert hash_file(path, "sha256") == (size, hashlib.sha256(data).hexdigest())
+
+
+def test_blocks_written_at_offsets_of_an_existing_file(tmp_path: Path) -> None:
+    path = tmp_path / "chunks.bin"
+    path.write_bytes(bytes(5 * DIRECT_ALIGN * 4))
+    blocks = {o * DIRECT_ALIGN * 4: bytes([o + 1]) * (DIRECT_ALIGN * 4) for o in (3, 0, 4)}
+    with DirectWriter(path, create=False) as fh:
+        for offset, block in blocks.items():
+            fh.write_at(block, offset)
+    data = path.read_bytes()
+    assert len(data) == 5 * DIRECT_ALIGN * 4
+    for offset, block in blocks.items():
+        assert data[offset : offset + len(block)] == block
+    assert data[DIRECT_ALIGN * 4 : 3 * DIRECT_ALIGN * 4] == bytes(2 * DIRECT_ALIGN * 4)
+
+
+def test_a_full_disk_surfaces_from_the_background_write_as_enospc(tmp_path: Path) -> None:
+    """/dev/full fails every write with ENOSPC: the error reaches the caller, not a lost thread."""
+    with pytest.raises(OSError) as caught, DirectWriter(Path("/dev/full"), direct=False, create=False) as fh:
+        fh.write(bytes(DirectWriter.BUFFER * 3))
+    assert caught.value.errno == errno.ENOSPC

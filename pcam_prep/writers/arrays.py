@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PcamPrepError
-from ..files import DIRECT_ALIGN, DirectWriter, open_direct, pwrite_all, tmp_path
-from ..memory import page_buffer
+from ..files import DIRECT_ALIGN, DirectWriter, tmp_path
 from ..schema import zarr_shard_body, zarr_shard_key, zarr_shard_tail, zarr_sharding
 
 # zarr and h5py are imported where used: a wds-only build never pays for them (~0.3 s).
@@ -186,16 +185,12 @@ def write_hdf5_chunks(path: Path, offsets: np.ndarray, chunk_rows: int, start: i
         raise ValueError(f"HDF5 rows must start on a chunk boundary ({chunk_rows} rows), got row {start}")
     chunk_bytes = chunk_rows * int(np.prod(images.shape[1:]))
     aligned = chunk_bytes % DIRECT_ALIGN == 0 and not (offsets % DIRECT_ALIGN).any()
-    fd, direct = open_direct(path, os.O_WRONLY, aligned)
-    buf = page_buffer("hdf5-chunk", chunk_bytes)
-    try:
+    with DirectWriter(path, direct=aligned, create=False) as fh:
         for at in range(0, len(images), chunk_rows):
             part = np.ascontiguousarray(images[at : at + chunk_rows]).reshape(-1)
-            buf[: len(part)] = part  # O_DIRECT needs aligned memory; the copy is ~1 us an image
-            buf[len(part) :] = 0
-            direct = pwrite_all(fd, memoryview(buf), int(offsets[(start + at) // chunk_rows]), direct)
-    finally:
-        os.close(fd)
+            if len(part) < chunk_bytes:
+                part = np.concatenate([part, np.zeros(chunk_bytes - len(part), np.uint8)])
+            fh.write_at(part, int(offsets[(start + at) // chunk_rows]))
 
 
 def fill_hdf5(tmp: Path, path: Path, splits: dict[str, Iterable[tuple[int, np.ndarray]]]) -> None:
