@@ -1,11 +1,12 @@
 """Build step 7: plan the output pieces and write them in parallel.
 
-    shards  = map(write_wds_piece | write_array_rows)
-              one task per tar shard and per range of 256-row chunks, each reading its rows from the
-              sources once: a chunk is one Zarr shard file and (unfiltered HDF5) one chunk written in place
-    arrays  = map(finish_hdf5_piece | write_hdf5_piece | write_torchvision_piece)
-              the HDF5 file renamed and hashed (or, with a codec, written by its one h5py task), and the
-              torchvision files, their rows copied from the finished shards
+    shards  = map(write_array_rows, then finish_hdf5_piece | write_wds_piece)
+              one task per range of 256-row chunks and per tar shard, each reading its rows from the
+              sources once: a chunk is one Zarr shard file and (unfiltered HDF5) one chunk written in
+              place; the HDF5 file is renamed and hashed once its chunks are, beside the tar shards
+    arrays  = map(write_hdf5_piece | write_torchvision_piece)
+              a compressed HDF5 file (one h5py writer) and the torchvision files, rows copied from the
+              finished shards
 """
 
 from __future__ import annotations
@@ -49,20 +50,14 @@ logger = logging.getLogger(__name__)
 
 
 def write_outputs(executor: Executor, out: Path, found: Analysis, config: BuildConfig) -> list[PieceResult]:
-    """Shards, Zarr and unfiltered HDF5 chunks from the sources; then the HDF5 file finished, torchvision files."""
+    """Zarr and unfiltered HDF5 chunks, then the tar shards, from the sources (the HDF5 file is finished while the
+    shards are written); then a compressed HDF5 file and the torchvision files, from the shards."""
     frames, shape = found.splits, found.shape
     specs = {spec.name: spec for spec in found.specs}
     pieces: list[PieceResult] = []
     sources: dict[str, RowSource] = {split: found.rows(split) for split in frames}  # made once: ~40 ms at 80k
     rows = sources  # what the second map reads: the shards once they exist
     tasks, units, bars = [], [], []  # the first map: every piece that reads the sources
-    plan: list[ShardPlan] = []
-    if "wds" in config.formats:
-        (out / WDS_DIR).mkdir(exist_ok=True)
-        plan = _wds_plan(out, found, config)
-        tasks += [_wds_task(piece, found) for piece in plan]
-        units += [p.count for p in plan]
-        bars += ["shards"] * len(plan)
     h5_tmp, direct, offsets = None, False, {}
     if "hdf5" in config.formats:
         columns = {split: (len(frame), _columns(frame, specs[split])) for split, frame in frames.items()}
@@ -90,18 +85,30 @@ def write_outputs(executor: Executor, out: Path, found: Analysis, config: BuildC
                                           None if zarr_tmp is None else str(zarr_tmp), hdf5)) for s, e in parts]
             units += [e - s for s, e in parts]
             bars += ["+".join(f for f, on in (("zarr", zarr_tmp is not None), ("hdf5", direct)) if on)] * len(parts)
-    first = executor.map("shards", tasks, units, bars)
+    count = sum(len(frame) for frame in frames.values())
+    after = {}
+    if h5_tmp is not None and direct:  # hashed as soon as its chunks are written, while the tar shards still are
+        after[len(tasks)] = range(len(tasks))
+        tasks.append((finish_hdf5_piece, (str(h5_tmp), str(out / HDF5_NAME), count)))
+        units.append(count)
+        bars.append("hdf5")
+    plan: list[ShardPlan] = []
+    if "wds" in config.formats:
+        (out / WDS_DIR).mkdir(exist_ok=True)
+        plan = _wds_plan(out, found, config)
+        tasks += [_wds_task(piece, found) for piece in plan]
+        units += [p.count for p in plan]
+        bars += ["shards"] * len(plan)
+    first = executor.map("shards", tasks, units, bars, after)
     first = [piece for result in first for piece in (result if isinstance(result, tuple) else (result,))]
-    pieces += [piece for piece in first if piece.kind in ("wds", "zarr")]
+    pieces += [piece for piece in first if piece.kind != "hdf5-rows"]
     if plan:
         rows = {split: ShardRows([(str(p.path), p.count, 0, p.count) for p in plan if p.split == split],
                                  specs[split].labelled) for split in frames}
         _remove_stale_shards(out, {p.path.name for p in plan})
     tasks, units, bars = [], [], []
-    if h5_tmp is not None:  # first: the longest task (filtered HDF5: lzf, gzip have one writer, through h5py)
-        count = sum(len(frame) for frame in frames.values())
-        tasks.append((finish_hdf5_piece, (str(h5_tmp), str(out / HDF5_NAME), count)) if direct else
-                     (write_hdf5_piece, (str(h5_tmp), str(out / HDF5_NAME), shape, config.chunk_rows, rows)))
+    if h5_tmp is not None and not direct:  # lzf, gzip: one writer, through h5py, rows from the shards
+        tasks.append((write_hdf5_piece, (str(h5_tmp), str(out / HDF5_NAME), shape, config.chunk_rows, rows)))
         units.append(count)
         bars.append("hdf5")
     tv_tasks, tv_units = _torchvision_tasks(out, found, rows, config.torchvision_names)
