@@ -99,8 +99,7 @@ def write_outputs(executor: Executor, out: Path, found: Analysis, config: BuildC
         tasks += [_wds_task(piece, found) for piece in plan]
         units += [p.count for p in plan]
         bars += ["shards"] * len(plan)
-    first = executor.map("shards", tasks, units, bars, after)
-    first = [piece for result in first for piece in (result if isinstance(result, tuple) else (result,))]
+    first = _flat(executor.map("shards", tasks, units, bars, after))
     pieces += [piece for piece in first if piece.kind != "hdf5-rows"]
     if plan:
         rows = {split: ShardRows([(str(p.path), p.count, 0, p.count) for p in plan if p.split == split],
@@ -113,10 +112,15 @@ def write_outputs(executor: Executor, out: Path, found: Analysis, config: BuildC
         bars.append("hdf5")
     tv_tasks, tv_units = _torchvision_tasks(out, found, rows, config.torchvision_names)
     results = executor.map("arrays", tasks + tv_tasks, units + tv_units, bars + ["torchvision"] * len(tv_tasks))
-    pieces += [piece for result in results for piece in (result if isinstance(result, tuple) else (result,))]
+    pieces += _flat(results)
     if zarr_tmp is not None:
         arrays.finish_store(zarr_tmp, out / ZARR_NAME)
     return pieces
+
+
+def _flat(results: list) -> list[PieceResult]:
+    """Task results as one list of pieces: some tasks write two (Zarr and HDF5 rows, torchvision x and y)."""
+    return [piece for result in results for piece in (result if isinstance(result, tuple) else (result,))]
 
 
 PIECE_ROWS = 2048  # images per Zarr / HDF5 task, rounded down to whole chunks (at least one)
