@@ -111,6 +111,52 @@ def _background() -> ThreadPoolExecutor:
     return pool
 
 
+class _Turns:
+    """A thread's two page-aligned write buffers, shared by all its DirectWriters, and the disk
+    write each one may still be in (a buffer is refilled only once its last write is done)."""
+
+    def __init__(self) -> None:
+        self.buffers = [page_buffer(f"direct-{i}", _DIRECT_BUFFER) for i in (0, 1)]
+        self.pending: list[Future | None] = [None, None]
+        self.turn = 0
+
+    def free(self, wait_all: bool = False, raise_errors: bool = True) -> None:
+        """Wait for the buffer about to be filled (or both) to be written; its write's error is raised here."""
+        for i in (0, 1) if wait_all else (self.turn,):
+            pending, self.pending[i] = self.pending[i], None
+            if pending is not None:
+                pending.result() if raise_errors else pending.exception()
+
+
+def _turns() -> _Turns:
+    turns = getattr(_local, "turns", None)
+    if turns is None:
+        turns = _local.turns = _Turns()
+    return turns
+
+
+@contextmanager
+def write_behind() -> Iterator[None]:
+    """DirectWriters closed inside this block return at once: the last disk write, the truncation
+    and the close run in the writer thread, and leaving the block waits for all of them (raising
+    the first error). A task that writes many small files (Zarr shards, HDF5 chunk runs) so
+    overlaps each file's last write with the next file's work, instead of waiting at every close.
+    """
+    _local.deferred = deferred = []
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        _local.deferred = None
+        turns = _turns()
+        errors = [p.exception() for p in [*turns.pending, *deferred] if p is not None]  # waits for every one
+        turns.pending = [None, None]
+        first = next((e for e in errors if e is not None), None)
+        if first is not None and not failed:
+            raise first
+
+
 class DirectWriter:
     """A file written through O_DIRECT where the filesystem takes it, else buffered, with the disk
     write of one buffer running in a thread while the caller fills the next.
@@ -120,8 +166,9 @@ class DirectWriter:
     build's outputs are GBs nobody reads back at once. But a direct write blocks until the disk
     has the bytes, so two reused, page-aligned buffers per calling thread take turns: `pwrite`
     releases the GIL and the caller's decoding and hashing overlap the disk. One open writer per
-    thread. Filesystems that refuse O_DIRECT (older tmpfs, some network mounts) get ordinary
-    writes; the bytes are the same either way.
+    thread at a time; inside `write_behind()` its close does not wait for the disk either.
+    Filesystems that refuse O_DIRECT (older tmpfs, some network mounts) get ordinary writes; the
+    bytes are the same either way.
 
     `write` appends from offset 0 of a new file (the last write padded to the alignment, the file
     truncated to its true length at close); `write_at` puts one block of at most BUFFER bytes at a
@@ -133,9 +180,8 @@ class DirectWriter:
     def __init__(self, path: Path, direct: bool = True, create: bool = True):
         flags = os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if create else 0)
         self.fd, self.direct = open_direct(path, flags, direct)
-        self.buffers = [page_buffer(f"direct-{i}", _DIRECT_BUFFER) for i in (0, 1)]
-        self.turn = 0  # the buffer being filled; the other may still be on its way to the disk
-        self.pending: Future | None = None
+        self.turns = _turns()
+        self.turns.free()
         self.fill = 0
         self.size = 0  # bytes given to write()
         self.written = 0  # bytes in the file: `size` rounded up to the alignment after the last flush
@@ -145,7 +191,7 @@ class DirectWriter:
         self.appended = True
         view = np.frombuffer(memoryview(data).cast("B"), np.uint8)
         while len(view):
-            buf = self.buffers[self.turn]
+            buf = self.turns.buffers[self.turns.turn]
             n = min(len(view), len(buf) - self.fill)
             buf[self.fill : self.fill + n] = view[:n]
             self.fill += n
@@ -159,7 +205,7 @@ class DirectWriter:
         view = np.frombuffer(memoryview(data).cast("B"), np.uint8)
         if self.appended or len(view) > _DIRECT_BUFFER:
             raise ValueError(f"write_at takes one block of at most {_DIRECT_BUFFER} bytes, not mixed with write()")
-        self.buffers[self.turn][: len(view)] = view
+        self.turns.buffers[self.turns.turn][: len(view)] = view
         self.fill = len(view)
         self._submit(offset)
 
@@ -167,44 +213,56 @@ class DirectWriter:
         n = self.fill
         if self.direct and n % DIRECT_ALIGN:
             padded = n + (-n % DIRECT_ALIGN)
-            self.buffers[self.turn][n:padded] = 0
+            self.turns.buffers[self.turns.turn][n:padded] = 0
             self.fill = padded
         offset, self.written = self.written, self.written + self.fill
         self._submit(offset)
 
     def _submit(self, offset: int) -> None:
-        self._wait()
-        view = memoryview(self.buffers[self.turn])[: self.fill]
-        self.pending = _background().submit(pwrite_all, self.fd, view, offset, self.direct)
-        self.turn ^= 1
+        turns = self.turns
+        view = memoryview(turns.buffers[turns.turn])[: self.fill]
+        turns.pending[turns.turn] = _background().submit(pwrite_all, self.fd, view, offset, self.direct)
+        turns.turn ^= 1
+        turns.free()  # the next buffer to fill: its write (issued before this one) must be done
         self.fill = 0
-
-    def _wait(self) -> None:
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            self.direct = pending.result()  # raises the write's error (ENOSPC) here, in the caller
 
     def close(self, flush: bool = True) -> None:
         if self.fd < 0:
             return
-        try:
-            if flush:
-                if self.fill:
-                    self._flush()
-                self._wait()
-                if self.appended and os.fstat(self.fd).st_size != self.size:  # the last aligned write's padding
-                    os.ftruncate(self.fd, self.size)
-            elif self.pending is not None:
-                self.pending.exception()  # a failure is being raised already: only let the write finish
-        finally:
-            os.close(self.fd)
-            self.fd = -1
+        if not flush:  # a failure is being raised already: only let the writes into fd finish
+            fd, self.fd = self.fd, -1
+            self.turns.free(wait_all=True, raise_errors=False)
+            os.close(fd)
+            return
+        if self.fill:
+            try:
+                self._flush()
+            except BaseException:
+                self.close(flush=False)
+                raise
+        fd, self.fd = self.fd, -1
+        size = self.size if self.appended else None
+        deferred = getattr(_local, "deferred", None)
+        if deferred is None:
+            self.turns.free(wait_all=True)
+            _finish(fd, size)
+        else:  # after this file's writes in the writer thread's queue; write_behind waits for it
+            deferred.append(_background().submit(_finish, fd, size))
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, *_) -> None:
         self.close(flush=exc_type is None)  # after a failure the partial file is dropped, not completed
+
+
+def _finish(fd: int, size: int | None) -> None:
+    """Close a written file, first cutting an appended file's last aligned write back to its true length."""
+    try:
+        if size is not None and os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: Path, direct: bool = False) -> str:

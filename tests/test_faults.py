@@ -217,3 +217,18 @@ def test_an_unexpected_error_in_a_worker_process_is_one_line_naming_stage_and_fi
     assert message.startswith("shards failed on ") and "train-f0-000000.tar" in message
     assert "ValueError: cannot handle train-f0-000000.tar" in message and "\n" not in message
     assert "Traceback" in failed.value.details and "_boom" in failed.value.details
+
+
+def _log_start(path: str, i: int) -> int:
+    with open(path, "a") as fh:
+        fh.write(f"{i}\n")
+    return i
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "processes"])
+def test_tasks_start_in_list_order(tmp_path: Path, scheduler: str) -> None:
+    # write_outputs puts its longest task (the HDF5 hash) first; dask.order would run it last
+    log = tmp_path / "started.txt"
+    with Executor(scheduler, 1) as executor:
+        assert executor.map("shards", [(_log_start, (str(log), i)) for i in range(12)]) == list(range(12))
+    assert [int(line) for line in log.read_text().split()] == list(range(12))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pcam_prep.files import DIRECT_ALIGN, DirectWriter, hash_file
+from pcam_prep.files import DIRECT_ALIGN, DirectWriter, hash_file, write_behind
 
 
 def pieces(seed: int) -> list[bytes]:
@@ -79,4 +79,27 @@ def test_a_full_disk_surfaces_from_the_background_write_as_enospc(tmp_path: Path
     """/dev/full fails every write with ENOSPC: the error reaches the caller, not a lost thread."""
     with pytest.raises(OSError) as caught, DirectWriter(Path("/dev/full"), direct=False, create=False) as fh:
         fh.write(bytes(DirectWriter.BUFFER * 3))
+    assert caught.value.errno == errno.ENOSPC
+
+
+def test_files_closed_inside_write_behind_are_whole_once_it_exits(tmp_path: Path) -> None:
+    parts = pieces(2)
+    with write_behind():
+        for i, part in enumerate(parts):  # many files, each closed without waiting for its last write
+            with DirectWriter(tmp_path / f"{i}.bin") as fh:
+                fh.write(part)
+                fh.write(part[:100])
+        with DirectWriter(tmp_path / "at.bin") as fh:  # a file of another size, through the same two buffers
+            fh.write(bytes(range(256)) * 64)
+    for i, part in enumerate(parts):
+        assert (tmp_path / f"{i}.bin").read_bytes() == part + part[:100]
+    assert (tmp_path / "at.bin").read_bytes() == bytes(range(256)) * 64
+
+
+def test_a_full_disk_inside_write_behind_is_raised_by_the_block(tmp_path: Path) -> None:
+    with pytest.raises(OSError) as caught, write_behind():
+        with DirectWriter(Path("/dev/full"), direct=False, create=False) as fh:
+            fh.write(bytes(1000))  # one small write: it fails only in the writer thread, after close returned
+        with DirectWriter(tmp_path / "next.bin") as fh:
+            fh.write(bytes(10))
     assert caught.value.errno == errno.ENOSPC

@@ -77,7 +77,7 @@ class Guarded:
     def __init__(self, stage: str, func: Callable[..., Any], args: tuple = ()) -> None:
         self.stage, self.func, self.args = stage, func, args
 
-    def __call__(self, *_after: Any) -> Any:  # _after: results of the tasks this one waits for, unused
+    def __call__(self) -> Any:
         args = self.args
         try:
             return self.func(*args)
@@ -175,36 +175,31 @@ class Executor(AbstractContextManager):
         return f"dask {self.scheduler} scheduler, {self.workers} worker(s)"
 
     def map(self, stage: str, calls: Sequence[tuple[Callable[..., Any], tuple]],
-            units: Sequence[int] | None = None, bars: Sequence[str] | None = None,
-            after: dict[int, Sequence[int]] | None = None) -> list[Any]:
+            units: Sequence[int] | None = None, bars: Sequence[str] | None = None) -> list[Any]:
         """Run `func(*args)` for each (func, args) in `calls` as one Dask task each; results in order.
 
         `units` weighs each task for progress (e.g. its number of images; default 1 each), and
         `bars` names the progress bar each task counts towards (default: `stage`), so tasks of
-        different outputs run together yet each output's bar counts its own images. `after[i]`
-        lists earlier calls that call i must wait for: it starts as soon as they are done, while
-        the rest of the map still runs. Tasks are offered to the scheduler in list order.
-        Arguments must be plain data (paths, arrays, frozen dataclasses), never open handles.
+        different outputs run together yet each output's bar counts its own images. Tasks start
+        in list order (put long ones first). Arguments must be plain data (paths, arrays, frozen
+        dataclasses), never open handles.
         """
         if not calls:
             return []
-        after = after or {}
         tasks: list[Any] = []
         for i, (func, args) in enumerate(calls):
-            waits = [tasks[j] for j in after.get(i, ())]
-            if any(j >= i for j in after.get(i, ())):
-                raise ValueError(f"call {i} can only wait for earlier calls, got {list(after[i])}")
-            key = f"{stage}-{i:07d}-{uuid.uuid4().hex[:8]}"  # ordered names: dask breaks ties by key
-            tasks.append(dask.delayed(Guarded(stage, func, tuple(args)), pure=False)(*waits, dask_key_name=key))
+            # dask.order breaks ties by key, highest first (dask 2026.8): names count down so list order wins
+            key = f"{stage}-{len(calls) - 1 - i:07d}-{uuid.uuid4().hex[:8]}"
+            tasks.append(dask.delayed(Guarded(stage, func, tuple(args)), pure=False)(dask_key_name=key))
         units = list(units) if units is not None else [1] * len(tasks)
         bars = list(bars) if bars is not None else [stage] * len(tasks)
         start = time.perf_counter()
         try:
-            return self._run(tasks, units, bars, ordered=bool(after))
+            return self._run(tasks, units, bars)
         finally:
             self.timings[stage] = round(time.perf_counter() - start, 4)
 
-    def _run(self, tasks: Sequence[Any], units: list[int], bars: list[str], ordered: bool = False) -> list[Any]:
+    def _run(self, tasks: Sequence[Any], units: list[int], bars: list[str]) -> list[Any]:
         tally = _Tally(bars, units, self.progress or (lambda *_: None))
         if self.client is not None:
             return self._run_distributed(tasks, units, bars, tally)
@@ -214,12 +209,8 @@ class Executor(AbstractContextManager):
         elif self.scheduler == "threads":
             kwargs["num_workers"] = self.workers
         with _TaskCounter({t.key: (b, u) for t, b, u in zip(tasks, bars, units)}, tally):
-            if ordered:
-                # Under one root, dask runs a waiting task's inputs first and the waiting task as soon as they are
-                # done; as separate outputs it runs every independent task before them (dask.order).
-                root = dask.delayed(_gather, pure=False)(*tasks, dask_key_name=f"gather-{uuid.uuid4().hex}")
-                return dask.compute(root, **kwargs)[0]
-            return list(dask.compute(*tasks, **kwargs))
+            root = dask.delayed(_gather, pure=False)(*tasks, dask_key_name=f"gather-{uuid.uuid4().hex}")
+            return dask.compute(root, **kwargs)[0]
 
     def _run_distributed(self, tasks: Sequence[Any], units: list[int], bars: list[str], tally: _Tally) -> list[Any]:
         from dask.distributed import as_completed

@@ -9,13 +9,12 @@ for Zarr and HDF5.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..files import sha256_file
+from ..files import sha256_file, write_behind
 from ..schema import RowSource, SampleLayout, torchvision_name
 from ..writers import arrays, torchvision, wds
 
@@ -84,22 +83,29 @@ def write_array_rows(split: str, start: int, shape: tuple[int, int, int], source
     if start % chunk_rows:
         raise ValueError(f"array rows must start on a chunk boundary ({chunk_rows} rows), got row {start}")
     digests = {}
-    for offset, images in sources.blocks(shape, chunk_rows):
-        if zarr_store is not None:
-            rel, digest = arrays.write_zarr_shard(Path(zarr_store), split, (start + offset) // chunk_rows, images)
-            digests[rel] = digest
-        if hdf5 is not None:
-            arrays.write_hdf5_chunks(Path(hdf5[0]), hdf5[1], chunk_rows, start + offset, images)
+    with write_behind():  # each file's last disk write overlaps the next block's reads and hashing
+        for offset, images in sources.blocks(shape, chunk_rows):
+            if zarr_store is not None:
+                rel, digest = arrays.write_zarr_shard(Path(zarr_store), split, (start + offset) // chunk_rows, images)
+                digests[rel] = digest
+            if hdf5 is not None:
+                arrays.write_hdf5_chunks(Path(hdf5[0]), hdf5[1], chunk_rows, start + offset, images)
     done = [PieceResult("zarr", split, zarr_store, len(sources), None, digests)] if zarr_store is not None else []
     if hdf5 is not None:
         done.append(PieceResult("hdf5-rows", split, hdf5[0], len(sources), None))
     return tuple(done)
 
 
-def finish_hdf5_piece(tmp: str, path: str, count: int) -> PieceResult:
-    """The HDF5 file whose chunks `write_array_rows` filled, renamed into place and hashed."""
-    os.replace(tmp, path)
-    return PieceResult("hdf5", "all", path, count, sha256_file(Path(path), direct=True))  # its chunks bypassed the cache
+def hash_hdf5_piece(tmp: str, path: str, chunks: dict[str, tuple[np.ndarray, int]], sources: dict[str, RowSource],
+                    shape: tuple[int, int, int]) -> PieceResult:
+    """The entry of the unfiltered HDF5 file `path`, still at `tmp`, whose chunks `write_array_rows` fills.
+
+    Its chunks are hashed from the sources (arrays.hdf5_digest), so this runs beside the tasks that
+    write them rather than after them, and nothing is read back from the disk; the driver renames
+    the file once every task is done.
+    """
+    digest = arrays.hdf5_digest(Path(tmp), chunks, sources, shape)
+    return PieceResult("hdf5", "all", path, sum(len(rows) for rows in sources.values()), digest)
 
 
 def write_torchvision_piece(

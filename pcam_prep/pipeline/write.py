@@ -1,6 +1,6 @@
 """Build step 7: plan the output pieces and write them in parallel.
 
-    shards  = map(write_array_rows, then finish_hdf5_piece | write_wds_piece)
+    shards  = map(write_array_rows, then hash_hdf5_piece | write_wds_piece)
               one task per range of 256-row chunks and per tar shard, each reading its rows from the
               sources once: a chunk is one Zarr shard file and (unfiltered HDF5) one chunk written in
               place; the HDF5 file is renamed and hashed once its chunks are, beside the tar shards
@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from .config import BuildConfig
 from .executor import Executor
 from .tasks import (
     PieceResult,
-    finish_hdf5_piece,
+    hash_hdf5_piece,
     write_array_rows,
     write_hdf5_piece,
     write_torchvision_piece,
@@ -86,12 +87,11 @@ def write_outputs(executor: Executor, out: Path, found: Analysis, config: BuildC
             units += [e - s for s, e in parts]
             bars += ["+".join(f for f, on in (("zarr", zarr_tmp is not None), ("hdf5", direct)) if on)] * len(parts)
     count = sum(len(frame) for frame in frames.values())
-    after = {}
-    if h5_tmp is not None and direct:  # hashed as soon as its chunks are written, while the tar shards still are
-        after[len(tasks)] = range(len(tasks))
-        tasks.append((finish_hdf5_piece, (str(h5_tmp), str(out / HDF5_NAME), count)))
-        units.append(count)
-        bars.append("hdf5")
+    if h5_tmp is not None and direct:  # hashed from the sources while its chunks are written; offered first
+        tasks.insert(0, (hash_hdf5_piece, (str(h5_tmp), str(out / HDF5_NAME), offsets,
+                                           {split: sources[split] for split in offsets}, shape)))
+        units.insert(0, count)
+        bars.insert(0, "hdf5")
     plan: list[ShardPlan] = []
     if "wds" in config.formats:
         (out / WDS_DIR).mkdir(exist_ok=True)
@@ -99,8 +99,10 @@ def write_outputs(executor: Executor, out: Path, found: Analysis, config: BuildC
         tasks += [_wds_task(piece, found) for piece in plan]
         units += [p.count for p in plan]
         bars += ["shards"] * len(plan)
-    first = _flat(executor.map("shards", tasks, units, bars, after))
+    first = _flat(executor.map("shards", tasks, units, bars))
     pieces += [piece for piece in first if piece.kind != "hdf5-rows"]
+    if h5_tmp is not None and direct:
+        os.replace(h5_tmp, out / HDF5_NAME)
     if plan:
         rows = {split: ShardRows([(str(p.path), p.count, 0, p.count) for p in plan if p.split == split],
                                  specs[split].labelled) for split in frames}
