@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..files import sha256_file, sha256_tree
+from ..files import sha256_file, sha256_tree, tmp_path
 from ..manifest import file_entry
 from ..qc import FLAGS
 from ..schema import DUPLICATES_NAME, QC_NAME, REJECTS_NAME, ZARR_NAME, SampleLayout, SplitSpec
@@ -55,9 +56,11 @@ def write_tables(out: Path, config: BuildConfig, found: Analysis) -> list[dict]:
     entries = []
     qc = qc_table(found.splits, found.specs, config.thresholds)
     for name, frame in ((REJECTS_NAME, found.rejects), (DUPLICATES_NAME, found.dedup.duplicates), (QC_NAME, qc)):
-        path = out / name
-        frame.to_csv(path, index=False, lineterminator="\n")
-        entries.append(file_entry(out, path, "csv", None, None, len(frame), sha256_file(path)))
+        path, tmp = out / name, tmp_path(out / name)
+        frame.to_csv(tmp, index=False, lineterminator="\n")
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+        entries.append(file_entry(out, path, "csv", None, None, len(frame), digest))
     return entries
 
 
