@@ -2,8 +2,8 @@
 
 Each function takes only paths, arrays and plain values (never open handles), so it can run
 in a thread, a process or on a remote dask worker that sees the same filesystem. Rows come
-from a `schema.RowSource`: the source files or PCam rows for the shards, the finished shards
-for Zarr and HDF5.
+from a `schema.RowSource`: the source files or PCam rows for the tar shards, Zarr and unfiltered
+HDF5; the finished shards for a compressed HDF5 file and the torchvision files.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Build step 7: plan the output pieces and write them in parallel.
 
-    shards  = map(write_array_rows, then hash_hdf5_piece | write_wds_piece)
+    shards  = map(hash_hdf5_piece, write_array_rows, then write_wds_piece), started in that order
               one task per range of 256-row chunks and per tar shard, each reading its rows from the
               sources once: a chunk is one Zarr shard file and (unfiltered HDF5) one chunk written in
-              place; the HDF5 file is renamed and hashed once its chunks are, beside the tar shards
+              place; the HDF5 file is hashed from the sources beside them and renamed after the map
     arrays  = map(write_hdf5_piece | write_torchvision_piece)
               a compressed HDF5 file (one h5py writer) and the torchvision files, rows copied from the
               finished shards
@@ -51,8 +51,8 @@ logger = logging.getLogger(__name__)
 
 
 def write_outputs(executor: Executor, out: Path, found: Analysis, config: BuildConfig) -> list[PieceResult]:
-    """Zarr and unfiltered HDF5 chunks, then the tar shards, from the sources (the HDF5 file is finished while the
-    shards are written); then a compressed HDF5 file and the torchvision files, from the shards."""
+    """Zarr and unfiltered HDF5 chunks, then the tar shards, from the sources (the HDF5 file hashed from them
+    beside its chunk writers); then a compressed HDF5 file and the torchvision files, from the shards."""
     frames, shape = found.splits, found.shape
     specs = {spec.name: spec for spec in found.specs}
     pieces: list[PieceResult] = []

@@ -190,10 +190,14 @@ def write_hdf5_chunks(path: Path, offsets: np.ndarray, chunk_rows: int, start: i
     aligned = chunk_bytes % DIRECT_ALIGN == 0 and not (offsets % DIRECT_ALIGN).any()
     with DirectWriter(path, direct=aligned, create=False) as fh:
         for at in range(0, len(images), chunk_rows):
-            part = np.ascontiguousarray(images[at : at + chunk_rows]).reshape(-1)
-            if len(part) < chunk_bytes:
-                part = np.concatenate([part, np.zeros(chunk_bytes - len(part), np.uint8)])
-            fh.write_at(part, int(offsets[(start + at) // chunk_rows]))
+            fh.write_at(_hdf5_chunk(images[at : at + chunk_rows], chunk_rows), int(offsets[(start + at) // chunk_rows]))
+
+
+def _hdf5_chunk(images: np.ndarray, chunk_rows: int) -> np.ndarray:
+    """The bytes of one `x` chunk holding `images`: C order, an edge chunk zero-padded to `chunk_rows` rows."""
+    part = np.ascontiguousarray(images).reshape(-1)
+    chunk_bytes = chunk_rows * int(np.prod(images.shape[1:]))
+    return part if len(part) == chunk_bytes else np.concatenate([part, np.zeros(chunk_bytes - len(part), np.uint8)])
 
 
 def hdf5_digest(path: Path, chunks: dict[str, tuple[np.ndarray, int]], sources: dict[str, RowSource],
@@ -231,10 +235,8 @@ def hdf5_digest(path: Path, chunks: dict[str, tuple[np.ndarray, int]], sources: 
             copy(offset)
             if i != expected[split]:  # h5py allocates chunks in row order; any other order restarts the reader
                 blocks[split] = iter(sources[split].part(i * per, len(sources[split])).blocks(shape, per))
-            images = next(blocks[split])[1]
             expected[split] = i + 1
-            digest.update(np.ascontiguousarray(images))
-            digest.update(bytes((per - len(images)) * image_bytes))
+            digest.update(_hdf5_chunk(next(blocks[split])[1], per))  # the bytes write_hdf5_chunks writes
             at = offset + per * image_bytes
         if at > size:
             raise PcamPrepError(f"{path} ends at byte {size}, before its last chunk does (byte {at})")
