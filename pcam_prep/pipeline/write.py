@@ -61,8 +61,10 @@ def write_outputs(executor: Executor, out: Path, found: Analysis, config: BuildC
     tasks, units, bars = [], [], []  # the first map: every piece that reads the sources
     h5_tmp, direct, offsets = None, False, {}
     if "hdf5" in config.formats:
-        columns = {split: (len(frame), _columns(frame, specs[split])) for split, frame in frames.items()}
-        h5_tmp = arrays.create_hdf5(out / HDF5_NAME, shape, config.chunk_rows, columns, config.hdf5_codec)
+        # The columns are made here and dropped once written: none of them is held through the write stage
+        h5_tmp = arrays.create_hdf5(out / HDF5_NAME, shape, config.chunk_rows,
+                                    {split: (len(frame), _columns(frame, specs[split])) for split, frame in frames.items()},
+                                    config.hdf5_codec)
         offsets = {split: arrays.hdf5_chunk_offsets(h5_tmp, split) for split, frame in frames.items() if len(frame)}
         direct = all(o is not None for o in offsets.values())  # unfiltered: chunks written in place, in parallel
     zarr_tmp = None
@@ -233,7 +235,7 @@ def _wds_task(piece: ShardPlan, found: Analysis, split_rows: RowSource):
 
 
 def _columns(frame: pd.DataFrame, spec: SplitSpec) -> dict[str, np.ndarray]:
-    columns = {"id": frame["id"].to_numpy(str)}
+    columns = {"id": frame["id"].to_numpy(object)}  # the frame's own strings: a '<U40' copy is 160 B an id
     if spec.labelled:
         columns["y"] = frame["label"].to_numpy(np.uint8)
     if spec.folded:

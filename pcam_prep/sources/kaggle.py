@@ -17,7 +17,7 @@ import pandas as pd
 
 from ..errors import PcamPrepError
 from ..schema import KAGGLE_SPLITS, is_safe_id
-from .base import REJECT_COLUMNS, Inventory, stamps_of
+from .base import REJECT_COLUMNS, Inventory
 from .base import reject_row as _reject
 from .validate import inspect_batch, load_images
 
@@ -39,7 +39,7 @@ class Files:
     """Rows that come from the source files (re-read and checked against their stamps): a `schema.RowSource`."""
 
     paths: list[str]
-    stamps: list[tuple[int, int]]  # (size, mtime_ns) at inspection
+    stamps: np.ndarray  # (N, 2) int64 (size, mtime_ns) at inspection: 16 B a row, not a tuple of two ints
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -48,12 +48,12 @@ class Files:
         return Files(self.paths[start:stop], self.stamps[start:stop])
 
     def fingerprint(self) -> list[tuple[int, int]]:
-        return self.stamps
+        return [tuple(stamp) for stamp in self.stamps.tolist()]
 
     def blocks(self, shape: tuple[int, int, int], rows: int) -> Iterator[tuple[int, np.ndarray]]:
         for start in range(0, len(self.paths), rows):
             stop = start + rows
-            yield start, load_images(self.paths[start:stop], self.stamps[start:stop], shape)
+            yield start, load_images(self.paths[start:stop], self.stamps[start:stop].tolist(), shape)
 
 
 class TifReader:
@@ -68,7 +68,7 @@ class TifReader:
         return [os.path.relpath(p, root) for p in rows["path"]]
 
     def rows(self, frame: pd.DataFrame) -> Files:
-        return Files(list(frame["path"]), stamps_of(frame))
+        return Files(list(frame["path"]), frame[["size", "mtime_ns"]].to_numpy(np.int64))
 
 
 def resolve_layout(src: Path, labels: Path | None = None, test: Path | None = None,

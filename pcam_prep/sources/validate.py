@@ -107,7 +107,7 @@ def _reject_blank(images, rows, reasons, details, digests) -> tuple[np.ndarray, 
 
 
 _BLOCK = 64  # images decoded between checks: small enough to stay in cache
-def load_images(paths: list[str], stamps: list[tuple[int, int]], shape: tuple[int, int, int]) -> np.ndarray:
+def load_images(paths: list[str], stamps: list[tuple[int, int]] | list[list[int]], shape: tuple[int, int, int]) -> np.ndarray:
     """Re-read accepted files for the write stage; fail loudly if one changed since inspection."""
     decoder = decoder_for(tuple(shape))
     out = np.empty((len(paths), *shape), np.uint8)
