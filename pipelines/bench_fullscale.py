@@ -6,7 +6,7 @@ Synthesizes the full set once (kept in --work for reruns), then times, each as i
 process with its peak RSS summed over all worker processes:
 - `build` per format alone and all three together;
 - the stock approach (tifffile per file + webdataset ShardWriter);
-- the I/O floor: `cat` of every source file, plus `dd` writing as many bytes as the
+- the I/O floor: `cat` of every source file, plus `dd` (O_DIRECT, as the build writes) of as many bytes as the
   three-format build wrote.
 Every timed contender, the floor's `cat` included, starts with the page cache in the same
 state (`--cache`): `warm` reads every source once, untimed, just before it (the sources fit
@@ -83,7 +83,8 @@ def main() -> None:
     for formats in ("wds", "zarr", "hdf5", "wds,zarr,hdf5"):
         rows[f"build --formats {formats}"] = build(src, args.work / "out", formats, args.cache)
     written = rows["build --formats wds,zarr,hdf5"]["bytes"]
-    dd_s, _ = timed(["dd", "if=/dev/zero", f"of={args.work / 'dd.bin'}", "bs=8M", f"count={written // 2**23 + 1}"],
+    dd_s, _ = timed(["dd", "if=/dev/zero", f"of={args.work / 'dd.bin'}", "bs=8M", "oflag=direct",  # as the build writes
+                     f"count={written // 2**23 + 1}"],
                     stderr=subprocess.DEVNULL)
     (args.work / "dd.bin").unlink()
     shutil.rmtree(args.work / "out", ignore_errors=True)
