@@ -32,16 +32,18 @@ def tune_malloc(settings: dict[int, int]) -> None:
         libc.mallopt(parameter, value)
 
 
-def keep_freed_memory() -> None:
+def keep_freed_memory(trim_above: int = 64 * 1024 * 1024) -> None:
     """Ask glibc to keep freed blocks for reuse instead of returning them to the OS.
 
     Builds allocate and free many multi-MB buffers (image blocks, codec output). By default
     glibc maps each one fresh; keeping them makes the second block as cheap as a memset.
+    `trim_above`: how much freed heap is kept before glibc returns the rest (a driver whose
+    workers run the hot loops keeps little: what it frees is its inventory's temporaries).
     """
     tune_malloc({
         M_MMAP_THRESHOLD: 32 * 1024 * 1024,
         M_ARENA_MAX: 2,  # zarr's codec threads would each grow an arena of their own
-        M_TRIM_THRESHOLD: 64 * 1024 * 1024,  # keep up to 64 MB of freed heap for reuse, no more
+        M_TRIM_THRESHOLD: trim_above,
     })
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +95,7 @@ def analyse(config: BuildConfig, executor: Executor, clock: Clock | None = None)
     for spec in (s for s in inventory.specs if not s.folded):
         splits[spec.name] = result.kept[spec.name].sort_values("id", kind="stable", ignore_index=True)
     clock.lap("dedup+folds")
+    result = replace(result, kept=splits)  # the same rows in output order: not a second copy through the write stage
     return Analysis(splits, inventory.specs, rejects, result, moments, shape, inventory.reader, inventory.layout,
                     group_by, excluded, checksums)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..memory import release_freed_memory
 from ..readers import ShardRows
 from ..schema import (
     HDF5_NAME,
@@ -101,6 +102,7 @@ def write_outputs(executor: Executor, out: Path, found: Analysis, config: BuildC
         tasks += [_wds_task(piece, found, sources[piece.split]) for piece in plan]
         units += [p.count for p in plan]
         bars += ["shards"] * len(plan)
+    release_freed_memory()  # the columns' conversions, freed: returned before the longest stage, not kept through it
     first = _flat(executor.map("shards", tasks, units, bars))
     pieces += [piece for piece in first if piece.kind != "hdf5-rows"]
     if h5_tmp is not None and direct:

@@ -107,10 +107,11 @@ def write_zarr_columns(store: Path, split: str, columns: dict[str, np.ndarray]) 
     group = zarr.open_group(store=str(store), mode="r+")
     for name, values in columns.items():
         dtype = column_dtypes()[name]
-        n = max(1, len(values))
-        array = group.create_array(f"{split}/{name}", shape=(len(values),), chunks=(min(n, 1 << 16),), dtype=dtype)
-        if len(values):
-            array[:] = np.asarray(values, dtype=dtype if dtype is not str else np.dtypes.StringDType())
+        step = min(max(1, len(values)), 1 << 16)
+        array = group.create_array(f"{split}/{name}", shape=(len(values),), chunks=(step,), dtype=dtype)
+        for start in range(0, len(values), step):  # a chunk at a time: the string conversions stay one chunk big
+            array[start : start + step] = np.asarray(values[start : start + step],
+                                                     dtype=dtype if dtype is not str else np.dtypes.StringDType())
 
 
 def finish_store(tmp: Path, final: Path) -> None:
@@ -118,6 +119,9 @@ def finish_store(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final) if final.is_dir() else final.unlink()
     os.replace(tmp, final)
+
+
+COLUMN_SLICE = 1 << 16  # rows of an id/label/fold column converted and written at once
 
 
 def create_hdf5(
@@ -150,8 +154,10 @@ def create_hdf5(
             for name, values in columns.items():
                 dtype = column_dtypes()[name]
                 h5dtype = h5py.string_dtype("utf-8") if dtype is str else dtype
-                group.create_dataset(name, data=np.asarray(values, dtype=object if dtype is str else dtype),
-                                     dtype=h5dtype, track_times=False)
+                column = group.create_dataset(name, shape=(len(values),), dtype=h5dtype, track_times=False)
+                for start in range(0, len(values), COLUMN_SLICE):  # h5py's per-string buffers, a slice at a time
+                    column[start : start + COLUMN_SLICE] = np.asarray(values[start : start + COLUMN_SLICE],
+                                                                      dtype=object if dtype is str else dtype)
     return tmp
 
 
