@@ -1,10 +1,14 @@
+import os
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
+from pcam_prep.pipeline.executor import describe_args
 from pcam_prep.sources.decode import Reject, TiffDecoder
+from pcam_prep.sources.kaggle import Files, PackedPaths
 from pcam_prep.sources.validate import inspect_batch
 
 from .corpus import ENCODINGS, SHAPE, image, write_bad, write_encoding
@@ -60,3 +64,28 @@ def test_keep_blank_keeps_black_and_white(tmp_path: Path) -> None:
 def test_missing_file_is_an_io_error_not_a_crash(tmp_path: Path) -> None:
     report = inspect_batch([str(tmp_path / "nope.tif")], SHAPE)
     assert report.reasons == ["io-error"]
+
+
+def test_packed_paths_read_the_same_rows_as_the_paths_did(tmp_path: Path) -> None:
+    """Kaggle rows carry their paths packed (prefix + one buffer); every part reads back the same files,
+    names that are not UTF-8 included, and a task error still names a file."""
+    folders = [tmp_path / "a", tmp_path / "b\udcff"]  # a byte that is not UTF-8, as os.scandir returns it
+    paths, images = [], []
+    for i in range(7):
+        folders[i % 2].mkdir(exist_ok=True)
+        path = folders[i % 2] / f"{i:02d}{'x' * i}.tif"
+        tifffile.imwrite(path, image(i))
+        paths.append(str(path))
+        images.append(image(i))
+    stamps = np.array([(os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths], np.int64)
+    files = pickle.loads(pickle.dumps(Files(PackedPaths.of(paths), stamps)))
+    assert files.paths.tolist() == paths and [files.paths[i] for i in range(-7, 7)] == paths + paths
+    for start, stop in [(0, 7), (1, 4), (3, 3), (6, 7), (5, 99)]:
+        part = files.part(start, stop)
+        assert part.paths.tolist() == paths[start:stop] and len(part) == len(paths[start:stop])
+        got = [img for _, block in part.blocks(SHAPE, 2) for img in block]
+        np.testing.assert_array_equal(np.array(got).reshape(-1, *SHAPE), np.array(images[start:stop]).reshape(-1, *SHAPE))
+    assert describe_args((files,)) == f"7 files from {paths[0]}"
+    with pytest.raises(IndexError):
+        files.paths[7]
+    assert PackedPaths.of([]).tolist() == [] and PackedPaths.of(paths[:1]).tolist() == paths[:1]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,17 +35,61 @@ class KaggleLayout:
 
 
 @dataclass(frozen=True)
+class PackedPaths:
+    """File paths as their common prefix, one buffer of the rest (os.fsencode) and each row's end in it.
+
+    ~45 B a Kaggle path, where a list of str costs ~125 B a row and a task unpickling it builds an
+    object per row: the task that hashes the HDF5 file carries every path of the set (277k at full
+    scale), and as a list that cost the driver ~46 MB (the pickle, held until the task ends, and its
+    copy into the pipe) and its worker ~75 MB.
+    """
+
+    prefix: str
+    data: bytes
+    ends: np.ndarray  # int64: row i is data[ends[i-1]:ends[i]] (row 0 starts at 0)
+
+    @classmethod
+    def of(cls, paths: Sequence[str]) -> PackedPaths:
+        prefix = os.path.commonprefix(list(paths)) if len(paths) else ""
+        rests = [os.fsencode(path[len(prefix) :]) for path in paths]
+        return cls(prefix, b"".join(rests), np.cumsum([len(rest) for rest in rests], dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def _start(self, row: int) -> int:
+        return int(self.ends[row - 1]) if row > 0 else 0
+
+    def __getitem__(self, row: int) -> str:
+        row = range(len(self))[row]  # negative rows count from the end; out of range raises IndexError
+        return self.prefix + os.fsdecode(self.data[self._start(row) : int(self.ends[row])])
+
+    def part(self, start: int, stop: int) -> PackedPaths:
+        start, stop, _ = slice(start, stop).indices(len(self))
+        stop = max(start, stop)
+        first, last = self._start(start), self._start(stop)
+        return PackedPaths(self.prefix, self.data[first:last], self.ends[start:stop] - first)
+
+    def tolist(self) -> list[str]:
+        view, at, out = memoryview(self.data), 0, []
+        for end in self.ends.tolist():
+            out.append(self.prefix + os.fsdecode(bytes(view[at:end])))
+            at = end
+        return out
+
+
+@dataclass(frozen=True)
 class Files:
     """Rows that come from the source files (re-read and checked against their stamps): a `schema.RowSource`."""
 
-    paths: list[str]
+    paths: PackedPaths
     stamps: np.ndarray  # (N, 2) int64 (size, mtime_ns) at inspection: 16 B a row, not a tuple of two ints
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def part(self, start: int, stop: int) -> Files:
-        return Files(self.paths[start:stop], self.stamps[start:stop])
+        return Files(self.paths.part(start, stop), self.stamps[start:stop])
 
     def fingerprint(self) -> list[tuple[int, int]]:
         return [tuple(stamp) for stamp in self.stamps.tolist()]
@@ -53,7 +97,7 @@ class Files:
     def blocks(self, shape: tuple[int, int, int], rows: int) -> Iterator[tuple[int, np.ndarray]]:
         for start in range(0, len(self.paths), rows):
             stop = start + rows
-            yield start, load_images(self.paths[start:stop], self.stamps[start:stop].tolist(), shape)
+            yield start, load_images(self.paths.part(start, stop).tolist(), self.stamps[start:stop].tolist(), shape)
 
 
 class TifReader:
@@ -68,7 +112,7 @@ class TifReader:
         return [os.path.relpath(p, root) for p in rows["path"]]
 
     def rows(self, frame: pd.DataFrame) -> Files:
-        return Files(list(frame["path"]), frame[["size", "mtime_ns"]].to_numpy(np.int64))
+        return Files(PackedPaths.of(frame["path"].tolist()), frame[["size", "mtime_ns"]].to_numpy(np.int64))
 
 
 def resolve_layout(src: Path, labels: Path | None = None, test: Path | None = None,
