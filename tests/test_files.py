@@ -103,3 +103,26 @@ def test_a_full_disk_inside_write_behind_is_raised_by_the_block(tmp_path: Path) 
         with DirectWriter(tmp_path / "next.bin") as fh:
             fh.write(bytes(10))
     assert caught.value.errno == errno.ENOSPC
+
+
+def test_tar_blocks_are_the_same_bytes_whatever_layout_came_before() -> None:
+    """One reused buffer serves train (labelled) and test rows; switching layouts leaves no old bytes in the
+    padding. Each block is compared with the same block encoded in a fresh thread (a fresh buffer)."""
+    import threading
+
+    from pcam_prep.schema import SampleLayout
+    from pcam_prep.writers.wds import encode_block
+
+    rng = np.random.default_rng(0)
+    blocks = []
+    for labelled, n in [(True, 3), (False, 5), (True, 4), (False, 2)]:
+        images = rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
+        args = (SampleLayout((96, 96, 3), labelled), [f"id{i:03d}" for i in range(n)], images,
+                rng.integers(0, 2, n).astype(np.uint8) if labelled else None)
+        blocks.append((args, encode_block(*args).tobytes()))
+    for args, reused in blocks:
+        fresh: list[bytes] = []
+        thread = threading.Thread(target=lambda a=args, out=fresh: out.append(encode_block(*a).tobytes()))
+        thread.start()
+        thread.join()
+        assert reused == fresh[0]
