@@ -42,7 +42,8 @@ class Analysis:
     """Everything a build knows before it writes: what is kept, in output order, and why not."""
 
     # Per split, in spec order, the kept rows: id, path, [row], [label], [group], digest, size, mtime_ns, the
-    # qc.COLUMNS metrics, and for train fold. Train is ordered by (fold, id), every other split by id.
+    # qc.COLUMNS metrics, and for train fold. Train is ordered by (fold, id), every other split by id. After
+    # holding_rows (the build's write stage), the columns the reader copied into `sources` (Kaggle: path) are gone.
     splits: dict[str, pd.DataFrame]
     specs: tuple[SplitSpec, ...]
     rejects: pd.DataFrame  # id, path, reason, detail, split (QC flags dropped by --drop-flags among them)
@@ -54,6 +55,7 @@ class Analysis:
     group_by: str | None = None  # what grouped the folds: "csv" (--groups), "wsi" (PCam meta CSV) or None
     excluded: dict | None = None  # --exclude: train ids left out on purpose (count, listed, file, sha256)
     source_files: dict | None = None  # PCam: each source file's size and MD5 against the published ones
+    sources: dict[str, RowSource] | None = None  # per split, its rows' RowSource, once made (holding_rows)
 
     @property
     def train(self) -> pd.DataFrame:
@@ -65,7 +67,19 @@ class Analysis:
 
     def rows(self, split: str) -> RowSource:
         """Where the write stage reads `split`'s kept rows from, in output order."""
+        if self.sources is not None:
+            return self.sources[split]
         return self.reader.rows(self.splits[split])
+
+    def holding_rows(self) -> Analysis:
+        """This analysis with every split's RowSource made once, and the frame columns it copied dropped.
+
+        For the write stage: at 277k Kaggle images the paths are ~30 MB of str in the frames and
+        ~12 MB packed in the sources, held by the driver through the longest stage.
+        """
+        sources = {split: self.reader.rows(frame) for split, frame in self.splits.items()}
+        splits = {split: frame.drop(columns=list(self.reader.held_columns)) for split, frame in self.splits.items()}
+        return replace(self, splits=splits, sources=sources, dedup=replace(self.dedup, kept=splits))
 
 
 def analyse(config: BuildConfig, executor: Executor, clock: Clock | None = None) -> Analysis:

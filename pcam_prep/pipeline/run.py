@@ -74,7 +74,7 @@ def _build(config: BuildConfig, out: Path, progress: ProgressFn | None) -> Build
     # Imported by each worker while the driver scans: the compiled pixel loops, and the format libraries
     preload = ("pcam_prep.kernels", *(m for f, m in (("zarr", "zarr"), ("hdf5", "h5py")) if f in config.formats))
     with Executor(config.scheduler, config.n_workers, progress, preload) as executor:
-        found = analyse(config, executor, clock)
+        found = analyse(config, executor, clock).holding_rows()
         release_freed_memory()
         check_kept(found, config)
         need, free = space_needed(out, found, config), free_bytes(out)

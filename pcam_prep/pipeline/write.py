@@ -57,7 +57,7 @@ def write_outputs(executor: Executor, out: Path, found: Analysis, config: BuildC
     frames, shape = found.splits, found.shape
     specs = {spec.name: spec for spec in found.specs}
     pieces: list[PieceResult] = []
-    sources: dict[str, RowSource] = {split: found.rows(split) for split in frames}  # made once: ~40 ms at 80k
+    sources: dict[str, RowSource] = {split: found.rows(split) for split in frames}  # made once (holding_rows)
     rows = sources  # what the second map reads: the shards once they exist
     tasks, units, bars = [], [], []  # the first map: every piece that reads the sources
     h5_tmp, direct, offsets = None, False, {}

@@ -48,6 +48,7 @@ class RowReader(Protocol):
     """How a layout's rows are inspected, located for rejects.csv, and handed to the write stage."""
 
     ids_from_pixels: bool  # True: a row's id is the sha1 of its pixels, known only after inspection
+    held_columns: tuple[str, ...]  # frame columns that rows() copies into its RowSource (droppable once it exists)
 
     def inspect_call(self, rows: pd.DataFrame, shape: tuple[int, int, int], keep_blank: bool,
                      with_moments: bool) -> tuple[Callable[..., Any], tuple]:

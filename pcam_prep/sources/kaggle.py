@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -36,46 +37,45 @@ class KaggleLayout:
 
 @dataclass(frozen=True)
 class PackedPaths:
-    """File paths as their common prefix, one buffer of the rest (os.fsencode) and each row's end in it.
+    """File paths as their common prefix, one buffer of the rest (os.fsencode) and where each row starts in it.
 
     ~45 B a Kaggle path, where a list of str costs ~125 B a row and a task unpickling it builds an
     object per row: the task that hashes the HDF5 file carries every path of the set (277k at full
     scale), and as a list that cost the driver ~46 MB (the pickle, held until the task ends, and its
-    copy into the pipe) and its worker ~75 MB.
+    copy into the pipe) and its worker ~75 MB. A part is two numpy views of its parent: the driver
+    holds every task's part at once and pays nothing for them, and a part pickles only its own rows.
     """
 
     prefix: str
-    data: bytes
-    ends: np.ndarray  # int64: row i is data[ends[i-1]:ends[i]] (row 0 starts at 0)
+    data: np.ndarray  # uint8: the rows' bytes after the prefix, back to back
+    bounds: np.ndarray  # int64, one more than rows: row i is data[bounds[i] - bounds[0] : bounds[i + 1] - bounds[0]]
 
     @classmethod
     def of(cls, paths: Sequence[str]) -> PackedPaths:
         prefix = os.path.commonprefix(list(paths)) if len(paths) else ""
         rests = [os.fsencode(path[len(prefix) :]) for path in paths]
-        return cls(prefix, b"".join(rests), np.cumsum([len(rest) for rest in rests], dtype=np.int64))
+        bounds = np.zeros(len(rests) + 1, np.int64)
+        np.cumsum([len(rest) for rest in rests], out=bounds[1:])
+        return cls(prefix, np.frombuffer(b"".join(rests), np.uint8), bounds)
 
     def __len__(self) -> int:
-        return len(self.ends)
-
-    def _start(self, row: int) -> int:
-        return int(self.ends[row - 1]) if row > 0 else 0
+        return len(self.bounds) - 1
 
     def __getitem__(self, row: int) -> str:
         row = range(len(self))[row]  # negative rows count from the end; out of range raises IndexError
-        return self.prefix + os.fsdecode(self.data[self._start(row) : int(self.ends[row])])
+        first, last = (int(b - self.bounds[0]) for b in self.bounds[row : row + 2])
+        return self.prefix + os.fsdecode(self.data[first:last].tobytes())
 
     def part(self, start: int, stop: int) -> PackedPaths:
         start, stop, _ = slice(start, stop).indices(len(self))
         stop = max(start, stop)
-        first, last = self._start(start), self._start(stop)
-        return PackedPaths(self.prefix, self.data[first:last], self.ends[start:stop] - first)
+        base = int(self.bounds[0])
+        return PackedPaths(self.prefix, self.data[int(self.bounds[start]) - base : int(self.bounds[stop]) - base],
+                           self.bounds[start : stop + 1])
 
     def tolist(self) -> list[str]:
-        view, at, out = memoryview(self.data), 0, []
-        for end in self.ends.tolist():
-            out.append(self.prefix + os.fsdecode(bytes(view[at:end])))
-            at = end
-        return out
+        raw, bounds = self.data.tobytes(), (self.bounds - self.bounds[0]).tolist()
+        return [self.prefix + os.fsdecode(raw[first:last]) for first, last in pairwise(bounds)]
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,7 @@ class TifReader:
     """Kaggle rows: one .tif file each, named by its id."""
 
     ids_from_pixels = False
+    held_columns = ("path",)  # packed into Files: ~45 B a row there, ~125 B as the frame's str
 
     def inspect_call(self, rows: pd.DataFrame, shape, keep_blank: bool, with_moments: bool):
         return inspect_batch, (list(rows["path"]), shape, keep_blank, with_moments)
@@ -144,7 +145,7 @@ def resolve_layout(src: Path, labels: Path | None = None, test: Path | None = No
 
 def list_images(folder: Path, root: Path, split: str) -> tuple[pd.DataFrame, list[dict]]:
     """Image files in `folder` (id = file stem); other entries become rejects, and links are never followed."""
-    ids, paths, strays = [], [], []
+    names, strays = [], []
     with os.scandir(folder) as entries:
         for entry in entries:
             stem, suffix = os.path.splitext(entry.name)
@@ -157,8 +158,13 @@ def list_images(folder: Path, root: Path, split: str) -> tuple[pd.DataFrame, lis
             if suffix.lower() not in IMAGE_SUFFIXES or not is_safe_id(stem):
                 strays.append(_reject(stem, Path(entry.path), root, "stray-file", entry.name, split))
                 continue
-            ids.append(stem)
-            paths.append(entry.path)
+            names.append(entry.name)
+    # ids, then paths, each made in one run: the build drops the paths once they are packed (holding_rows),
+    # and strings made in a run of their own fill memory arenas of their own, which are then returned whole
+    ids = [os.path.splitext(name)[0] for name in names]
+    base = os.path.join(os.fspath(folder), "")  # what entry.path is: the folder as given, joined to the name
+    paths = [base + name for name in names]
+    del names
     frame = pd.DataFrame({"id": ids, "path": paths}).sort_values("id", ignore_index=True)
     return frame, strays
 

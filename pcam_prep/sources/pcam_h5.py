@@ -95,6 +95,7 @@ class H5Reader:
     """PCam rows: row `row` of the `x` dataset in file `path`."""
 
     ids_from_pixels = True
+    held_columns = ()  # one path string per split and the row numbers: nothing worth dropping
 
     def inspect_call(self, rows: pd.DataFrame, shape, keep_blank: bool, with_moments: bool):
         start, stop = int(rows["row"].iloc[0]), int(rows["row"].iloc[-1]) + 1
