@@ -101,17 +101,25 @@ def write_zarr_shard(store: Path, split: str, shard: int, images: np.ndarray) ->
     return path.relative_to(store).as_posix(), digest.hexdigest()
 
 
+COLUMN_SLICE = 1 << 16  # rows of an id/label/fold column converted and written at once
+
+
+def _write_slices(target, values: np.ndarray, dtype) -> None:
+    """`target[:] = values`, a COLUMN_SLICE of rows at a time, each converted to `dtype` as it is written:
+    zarr's and h5py's string conversions stay one slice big, not the whole column."""
+    for start in range(0, len(values), COLUMN_SLICE):
+        target[start : start + COLUMN_SLICE] = np.asarray(values[start : start + COLUMN_SLICE], dtype=dtype)
+
+
 def write_zarr_columns(store: Path, split: str, columns: dict[str, np.ndarray]) -> None:
     import zarr
 
     group = zarr.open_group(store=str(store), mode="r+")
     for name, values in columns.items():
         dtype = column_dtypes()[name]
-        step = min(max(1, len(values)), 1 << 16)
-        array = group.create_array(f"{split}/{name}", shape=(len(values),), chunks=(step,), dtype=dtype)
-        for start in range(0, len(values), step):  # a chunk at a time: the string conversions stay one chunk big
-            array[start : start + step] = np.asarray(values[start : start + step],
-                                                     dtype=dtype if dtype is not str else np.dtypes.StringDType())
+        chunk = min(max(1, len(values)), COLUMN_SLICE)  # a slice is a whole chunk
+        array = group.create_array(f"{split}/{name}", shape=(len(values),), chunks=(chunk,), dtype=dtype)
+        _write_slices(array, values, dtype if dtype is not str else np.dtypes.StringDType())
 
 
 def finish_store(tmp: Path, final: Path) -> None:
@@ -119,9 +127,6 @@ def finish_store(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final) if final.is_dir() else final.unlink()
     os.replace(tmp, final)
-
-
-COLUMN_SLICE = 1 << 16  # rows of an id/label/fold column converted and written at once
 
 
 def create_hdf5(
@@ -155,9 +160,7 @@ def create_hdf5(
                 dtype = column_dtypes()[name]
                 h5dtype = h5py.string_dtype("utf-8") if dtype is str else dtype
                 column = group.create_dataset(name, shape=(len(values),), dtype=h5dtype, track_times=False)
-                for start in range(0, len(values), COLUMN_SLICE):  # h5py's per-string buffers, a slice at a time
-                    column[start : start + COLUMN_SLICE] = np.asarray(values[start : start + COLUMN_SLICE],
-                                                                      dtype=object if dtype is str else dtype)
+                _write_slices(column, values, object if dtype is str else dtype)
     return tmp
 
 
