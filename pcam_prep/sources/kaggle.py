@@ -52,7 +52,7 @@ class PackedPaths:
 
     @classmethod
     def of(cls, paths: Sequence[str]) -> PackedPaths:
-        prefix = os.path.commonprefix(list(paths)) if len(paths) else ""
+        prefix = os.path.commonprefix(paths)  # "" for no paths
         rests = [os.fsencode(path[len(prefix) :]) for path in paths]
         bounds = np.zeros(len(rests) + 1, np.int64)
         np.cumsum([len(rest) for rest in rests], out=bounds[1:])
@@ -145,7 +145,7 @@ def resolve_layout(src: Path, labels: Path | None = None, test: Path | None = No
 
 def list_images(folder: Path, root: Path, split: str) -> tuple[pd.DataFrame, list[dict]]:
     """Image files in `folder` (id = file stem); other entries become rejects, and links are never followed."""
-    names, strays = [], []
+    names, stems, strays = [], [], []  # stems: each id's length (small ints: shared objects, nothing allocated)
     with os.scandir(folder) as entries:
         for entry in entries:
             stem, suffix = os.path.splitext(entry.name)
@@ -159,12 +159,13 @@ def list_images(folder: Path, root: Path, split: str) -> tuple[pd.DataFrame, lis
                 strays.append(_reject(stem, Path(entry.path), root, "stray-file", entry.name, split))
                 continue
             names.append(entry.name)
+            stems.append(len(stem))
     # ids, then paths, each made in one run: the build drops the paths once they are packed (holding_rows),
     # and strings made in a run of their own fill memory arenas of their own, which are then returned whole
-    ids = [os.path.splitext(name)[0] for name in names]
+    ids = [name[:n] for name, n in zip(names, stems)]
     base = os.path.join(os.fspath(folder), "")  # what entry.path is: the folder as given, joined to the name
     paths = [base + name for name in names]
-    del names
+    del names, stems
     frame = pd.DataFrame({"id": ids, "path": paths}).sort_values("id", ignore_index=True)
     return frame, strays
 
